@@ -1,0 +1,26 @@
+"""rdsim: optimizers as random dynamical systems.
+
+Lyapunov spectra, Kaplan-Yorke and sharpness dimensions of (random) maps, flows and optimizers,
+on a numba backend for toy systems and a torch backend for neural networks.
+"""
+
+from ._dimension import Dimension, kaplan_yorke_dimension, sharpness_dimension
+from ._lyapunov import LyapunovResult, lyapunov_spectrum
+from ._systems import AbstractNumbaSystem, AbstractSystem, Flow, Map
+from . import systems, testing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractNumbaSystem",
+    "AbstractSystem",
+    "Dimension",
+    "Flow",
+    "LyapunovResult",
+    "Map",
+    "kaplan_yorke_dimension",
+    "lyapunov_spectrum",
+    "sharpness_dimension",
+    "systems",
+    "testing",
+]

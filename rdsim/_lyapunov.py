@@ -1,0 +1,296 @@
+"""Lyapunov spectra by QR (MATH.md §2): the public driver and its result."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from . import _config
+from ._dimension import Dimension, kaplan_yorke_dimension
+from ._engine import OK, STATE_NONFINITE, run_segment
+from ._systems import AbstractNumbaSystem, AbstractSystem, NoiseStream
+
+__all__ = ["LyapunovResult", "lyapunov_spectrum", "start_block"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LyapunovResult:
+    """Result of :func:`lyapunov_spectrum` (frozen).
+
+    Attributes:
+        exponents: (k,) Lyapunov exponents per unit time, descending.
+        stderr: (k,) standard errors from block means (std of block means / sqrt(n_blocks)).
+        dimension: Kaplan-Yorke dimension of ``exponents`` (a float; ``dimension.lower_bound`` is
+            True when k < dim and the sum of the k exponents is still non-negative).
+        status: ``"ok"`` or ``"diverged"``.
+        diverged_at: index of the step (counted from the start of the transient) at which the
+            state or the tangent block became non-finite, or None.
+        n_steps: accumulated steps (after the transient).
+        history: (n_records, k) running estimates, columns in the order of ``exponents``.
+        history_steps: (n_records,) accumulated steps at each record.
+        x_final: the state after the run (the last finite state if it diverged).
+        message: a human-readable account of the status.
+        block_means: (n_blocks, k) per-block exponent estimates behind ``stderr``.
+        Q_final: (dim, k) the final orthonormal tangent block (to continue a run).
+        n_qr: number of QR factorisations performed.
+        seed: the seed used.
+    """
+
+    exponents: np.ndarray
+    stderr: np.ndarray
+    dimension: Dimension
+    status: str
+    diverged_at: int | None
+    n_steps: int
+    history: np.ndarray
+    history_steps: np.ndarray
+    x_final: np.ndarray
+    message: str = ""
+    block_means: np.ndarray | None = None
+    Q_final: np.ndarray | None = None
+    n_qr: int = 0
+    seed: int | None = None
+    system_name: str = ""
+
+    @property
+    def dimension_is_lower_bound(self) -> bool:
+        return bool(getattr(self.dimension, "lower_bound", False))
+
+    def __repr__(self) -> str:
+        with np.printoptions(precision=5, suppress=False, threshold=12, edgeitems=4):
+            ex = np.array2string(self.exponents, separator=", ")
+            se = np.array2string(self.stderr, separator=", ")
+        lb = " (lower bound)" if self.dimension_is_lower_bound else ""
+        s = (f"LyapunovResult({self.system_name!s}: status={self.status!r}, n_steps={self.n_steps},\n"
+             f"  exponents={ex},\n  stderr={se},\n  dimension={float(self.dimension):.5g}{lb}")
+        if self.status != "ok":
+            s += f",\n  message={self.message!r}"
+        return s + ")"
+
+
+def _check_int(value, argname, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{argname}: expected an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{argname}: expected an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def start_block(dim: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """A random orthonormal (dim, k) block (QR of a Gaussian matrix), never identity columns."""
+    q, r = np.linalg.qr(rng.standard_normal((dim, k)))
+    return np.ascontiguousarray(q * np.sign(np.diag(r)))
+
+
+def _seeds(seed):
+    ss = np.random.SeedSequence(seed)
+    block_ss, noise_ss = ss.spawn(2)
+    return np.random.default_rng(block_ss), np.random.default_rng(noise_ss)
+
+
+def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None = None,
+                      transient: int = 0, qr_every: int = 1, seed: int = 0, n_blocks: int = 20,
+                      record_every: int | None = None, progress: bool = False,
+                      Q0=None) -> LyapunovResult:
+    """Lyapunov spectrum of a (random) dynamical system by QR-based tangent products.
+
+    Starting from a seeded random orthonormal (d, k) block Q_0, for t = 0 .. T-1 the tangent block
+    is pushed through the one-step Jacobians, M = Df(x_{t+q-1}, xi) ... Df(x_t, xi) Q_t
+    (q = ``qr_every``), factorised M = QR, and the logs |R_ii| are accumulated (float64):
+    lambda_i = sum log|R_ii| / (T dt). The transient re-orthonormalises without accumulating.
+    Error bars: the accumulation is split into ``n_blocks`` consecutive blocks;
+    stderr = std(block means) / sqrt(n_blocks). For numba systems the whole loop runs in numba.
+
+    Args:
+        system: any rdsim system (:class:`rdsim.Map`, :class:`rdsim.Flow`, an optimizer map, ...).
+        x0: initial state, shape (dim,); None uses the system's default (``system.x0``) if any.
+        n_steps: accumulated steps after the transient (>= 1).
+        k: number of exponents (1 <= k <= dim); None for the full spectrum.
+        transient: steps to discard first (>= 0); the tangent block is aligned meanwhile.
+        qr_every: steps between QR factorisations (>= 1). Keep (lambda_1 - lambda_k) * qr_every * dt
+            below about 18 so the block stays well conditioned.
+        seed: seeds both the start block and the noise sequence (independent streams).
+        n_blocks: blocks for the error bars (>= 2; reduced if there are fewer QR steps).
+        record_every: steps between running-estimate records (rounded up to a multiple of
+            ``qr_every``); None records about 200 times.
+        progress: show a tqdm progress bar.
+        Q0: optional user start block (dim, k); it is orthonormalised.
+
+    Returns:
+        LyapunovResult. A run whose state or tangent becomes non-finite returns status
+        "diverged" with the step index; it does not raise.
+
+    Raises:
+        ValueError / TypeError: invalid arguments (named in the message).
+
+    Example:
+        >>> import rdsim
+        >>> res = rdsim.lyapunov_spectrum(rdsim.systems.henon(), [0.1, 0.1], 100_000, transient=1000)
+        >>> [round(float(v), 2) for v in res.exponents]
+        [0.42, -1.62]
+
+    References:
+        Benettin, Galgani, Giorgilli, Strelcyn (1980); Shimada & Nagashima (1979);
+        Geist, Parlitz & Lauterborn (1990).
+    """
+    if not isinstance(system, AbstractSystem):
+        raise TypeError(f"system: expected an rdsim system (Map, Flow, optimizer map, ...), got {type(system).__name__}")
+    d = system.dim
+    n_steps = _check_int(n_steps, "n_steps", 1)
+    transient = _check_int(transient, "transient", 0)
+    qr_every = _check_int(qr_every, "qr_every", 1)
+    n_blocks = _check_int(n_blocks, "n_blocks", 2)
+    if k is None:
+        k = d
+    k = _check_int(k, "k", 1)
+    if k > d:
+        raise ValueError(f"k: expected 1 <= k <= dim = {d}, got {k}")
+    if record_every is None:
+        record_every = max(1, n_steps // 200)
+    else:
+        record_every = _check_int(record_every, "record_every", 1)
+    record_every = qr_every * math.ceil(record_every / qr_every)
+    x = system.initial_state(x0)
+
+    block_rng, noise_rng = _seeds(seed)
+    if Q0 is None:
+        Q = start_block(d, k, block_rng)
+    else:
+        Q0 = np.asarray(Q0, dtype=np.float64)
+        if Q0.shape != (d, k):
+            raise ValueError(f"Q0: expected shape ({d}, {k}), got {Q0.shape}")
+        if not np.all(np.isfinite(Q0)):
+            raise ValueError("Q0: must be finite")
+        q, r = np.linalg.qr(Q0)
+        if np.min(np.abs(np.diag(r))) <= 1e-12 * max(1.0, np.max(np.abs(np.diag(r)))):
+            raise ValueError("Q0: columns must be linearly independent")
+        Q = np.ascontiguousarray(q)
+    noise = NoiseStream(system, noise_rng)
+
+    n_qr_acc = (n_steps + qr_every - 1) // qr_every
+    n_blocks = max(1, min(n_blocks, n_qr_acc))
+    n_hist = n_steps // record_every + 2
+    state = dict(sums=np.zeros(k), block_sums=np.zeros((n_blocks, k)), block_steps=np.zeros(n_blocks),
+                 hist=np.zeros((n_hist, k)), hist_steps=np.zeros(n_hist, dtype=np.int64))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=transient + n_steps, desc=f"lyapunov {system.name}", unit="step", leave=False)
+
+    runner = _run_numba if isinstance(system, AbstractNumbaSystem) else _run_python
+    status, fail_at, hist_count = OK, -1, 0
+    try:
+        phases = ((transient, False), (n_steps, True))
+        done_before = 0
+        for length, acc in phases:
+            if length == 0:
+                continue
+            status, fail_at, hist_count = runner(system, x, Q, noise, length, qr_every, acc, n_blocks,
+                                                 record_every, state, hist_count, bar)
+            if status != OK:
+                fail_at += done_before
+                break
+            done_before += length
+    finally:
+        if bar is not None:
+            bar.close()
+
+    dt = system.dt
+    sums, bsums, bsteps = state["sums"], state["block_sums"], state["block_steps"]
+    hist = state["hist"][:hist_count] / dt
+    hist_steps = state["hist_steps"][:hist_count].copy()
+    if status == OK:
+        exps = sums / (n_steps * dt)
+        used = bsteps > 0
+        means = bsums[used] / (bsteps[used, None] * dt)
+        if means.shape[0] >= 2:
+            stderr = means.std(axis=0, ddof=1) / np.sqrt(means.shape[0])
+        else:
+            stderr = np.full(k, np.nan)
+        order = np.argsort(-exps, kind="stable")
+        exps, stderr, means, hist = exps[order], stderr[order], means[:, order], hist[:, order]
+        Q = Q[:, order]
+        dim_val = kaplan_yorke_dimension(exps, dim=d)
+        msg = "ok"
+        res_status, div_at = "ok", None
+    else:
+        what = "state" if status == STATE_NONFINITE else "tangent block"
+        msg = f"the {what} became non-finite (or degenerate) at step {fail_at}"
+        exps = np.full(k, np.nan)
+        stderr = np.full(k, np.nan)
+        means = None
+        dim_val = Dimension(np.nan)
+        res_status, div_at = "diverged", int(fail_at)
+    return LyapunovResult(exponents=exps, stderr=stderr, dimension=dim_val, status=res_status,
+                          diverged_at=div_at, n_steps=n_steps, history=hist, history_steps=hist_steps,
+                          x_final=x, message=msg, block_means=means, Q_final=Q,
+                          n_qr=int(state.get("n_qr", 0)), seed=seed, system_name=system.name)
+
+
+def _run_numba(system, x, Q, noise, n_total, qr_every, accumulate, n_blocks, record_every, state,
+               hist_count, bar):
+    d, k = Q.shape
+    x_buf, V_buf, work, wv = system._buffers(k)
+    rdiag = np.zeros(k)
+    seg = _config.SEGMENT_STEPS
+    done = 0
+    while done < n_total:
+        n = min(seg, n_total - done)
+        xi = noise.take(n)
+        status, fail_at, hist_count = run_segment(
+            system._advance, system._kernel_params, x, Q, xi, n, done, n_total, qr_every, accumulate,
+            state["sums"], state["block_sums"], state["block_steps"], n_blocks,
+            record_every if accumulate else 0, state["hist"], state["hist_steps"], hist_count,
+            x_buf, V_buf, work, wv, rdiag)
+        end = done + n
+        state["n_qr"] = state.get("n_qr", 0) + (end // qr_every - done // qr_every) + \
+            (1 if end == n_total and n_total % qr_every else 0)
+        if bar is not None:
+            bar.update(n)
+        if status != OK:
+            return status, fail_at, hist_count
+        done = end
+    return OK, -1, hist_count
+
+
+def _run_python(system, x, Q, noise, n_total, qr_every, accumulate, n_blocks, record_every, state,
+                hist_count, bar):
+    """Generic driver for systems without a numba kernel (e.g. torch): same algorithm, Python loop."""
+    sums, bsums, bsteps = state["sums"], state["block_sums"], state["block_steps"]
+    hist, hist_steps = state["hist"], state["hist_steps"]
+    for g in range(n_total):
+        xi = noise.take(1)[0]
+        V = np.asarray(system.tangent(x, xi, Q), dtype=np.float64)
+        x_new = np.asarray(system.step(x, xi), dtype=np.float64)
+        if not np.all(np.isfinite(x_new)):
+            return STATE_NONFINITE, g, hist_count
+        x[:] = x_new
+        Q[:, :] = V
+        done = g + 1
+        if done % qr_every == 0 or done == n_total:
+            if not np.all(np.isfinite(Q)):
+                from ._engine import TANGENT_NONFINITE
+                return TANGENT_NONFINITE, g, hist_count
+            q, r = np.linalg.qr(Q)
+            rd = np.abs(np.diag(r))
+            Q[:, :] = q
+            state["n_qr"] = state.get("n_qr", 0) + 1
+            if not np.all(rd > 0):
+                from ._engine import TANGENT_NONFINITE
+                return TANGENT_NONFINITE, g, hist_count
+            if accumulate:
+                b = (g * n_blocks) // n_total
+                bsteps[b] += qr_every if done % qr_every == 0 else done % qr_every
+                lr = np.log(rd)
+                sums += lr
+                bsums[b] += lr
+                if record_every > 0 and (done % record_every == 0 or done == n_total) and hist_count < hist.shape[0]:
+                    hist[hist_count] = sums / done
+                    hist_steps[hist_count] = done
+                    hist_count += 1
+        if bar is not None:
+            bar.update(1)
+    return OK, -1, hist_count

@@ -1,0 +1,464 @@
+"""The random-dynamical-system abstraction and the numba systems ``Map`` and ``Flow``.
+
+Every system in rdsim is a (random) map x_{t+1} = f(x_t, xi_t) (MATH.md §1) that knows
+
+* its dimension ``dim`` and the length ``noise_dim`` of one noise vector xi_t (0: deterministic),
+* the time one step takes, ``dt`` (1 for maps; exponents are reported per unit time),
+* how to draw the noise of n consecutive steps from a seeded ``numpy.random.Generator``,
+* one step ``step(x, xi)`` and the push of a tangent block ``tangent(x, xi, V) = Df(x, xi) @ V``.
+
+Numba systems additionally carry a jitted ``advance`` kernel that does both at once without
+allocating; the QR engine (:mod:`rdsim._engine`) runs entirely inside numba on that kernel.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import numba as nb
+import numpy as np
+
+from ._config import NOISE_CHUNK, NUMBA_OPTIONS
+from ._linalg import matmul_into
+
+__all__ = ["AbstractSystem", "AbstractNumbaSystem", "Map", "Flow", "NoiseStream"]
+
+
+class AbstractSystem(abc.ABC):
+    """Interface of every random dynamical system (numba or torch backed).
+
+    Attributes:
+        dim: state dimension d.
+        noise_dim: length of one noise vector xi_t (0 for deterministic systems).
+        dt: time per step (1.0 for maps, the integration step for flows).
+        name: a short label.
+        backend: ``"numba"`` or ``"torch"``.
+    """
+
+    dim: int
+    noise_dim: int
+    dt: float
+    name: str
+    backend: str
+
+    @abc.abstractmethod
+    def step(self, x, xi):
+        """Return f(x, xi), the next state."""
+
+    @abc.abstractmethod
+    def tangent(self, x, xi, V):
+        """Return Df(x, xi) @ V for a (dim, k) block of tangent vectors V."""
+
+    def jacobian(self, x, xi):
+        """Dense one-step Jacobian Df(x, xi), shape (dim, dim)."""
+        return self.tangent(x, xi, np.eye(self.dim))
+
+    @abc.abstractmethod
+    def sample_noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """The noise of n consecutive steps, shape (n, noise_dim), float64."""
+
+    def initial_state(self, x0) -> np.ndarray:
+        """Validate x0 and return the full initial state as a fresh float64 array (dim,)."""
+        if x0 is None:
+            x0 = getattr(self, "x0", None)
+            if x0 is None:
+                raise ValueError(f"x0: {self.name} has no default initial state; pass x0 of shape ({self.dim},)")
+        try:
+            x = np.array(x0, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"x0: expected an array of {self.dim} real numbers, got {type(x0).__name__}") from err
+        if x.ndim == 0 and self.dim == 1:
+            x = x.reshape(1)
+        if x.shape != (self.dim,):
+            raise ValueError(f"x0: expected shape ({self.dim},) for {self.name}, got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"x0: must be finite, got {x}")
+        return np.ascontiguousarray(x)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, noise_dim={self.noise_dim}, dt={self.dt})"
+
+
+class AbstractNumbaSystem(AbstractSystem):
+    """A system whose step and tangent are numba kernels; the engine runs it without Python.
+
+    Concrete subclasses set ``_advance`` (see :mod:`rdsim._engine`), ``_kernel_params``,
+    ``_n_work`` and ``_n_wv`` (scratch sizes), ``dim``, ``noise_dim``, ``dt`` and ``name``.
+    """
+
+    backend = "numba"
+    _advance: Any
+    _kernel_params: Any
+    _n_work: int = 0
+    _n_wv: int = 0
+
+    def _buffers(self, k: int):
+        d = self.dim
+        return (np.empty(d), np.empty((d, k)), np.empty((max(self._n_work, 1), d, k)),
+                np.empty((max(self._n_wv, 1), d)))
+
+    def _xi(self, xi) -> np.ndarray:
+        if xi is None:
+            if self.noise_dim:
+                raise ValueError(f"xi: {self.name} is random; pass a noise vector of length {self.noise_dim}")
+            return np.empty(0)
+        xi = np.ascontiguousarray(xi, dtype=np.float64).reshape(-1)
+        if xi.shape[0] != self.noise_dim:
+            raise ValueError(f"xi: expected length {self.noise_dim}, got {xi.shape[0]}")
+        return xi
+
+    def step(self, x, xi=None):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        x_out, V_out, work, wv = self._buffers(1)
+        self._advance(x, self._kernel_params, self._xi(xi), np.zeros((self.dim, 1)), x_out, V_out, work, wv)
+        return x_out
+
+    def tangent(self, x, xi, V):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        V = np.ascontiguousarray(V, dtype=np.float64)
+        if V.ndim != 2 or V.shape[0] != self.dim:
+            raise ValueError(f"V: expected shape ({self.dim}, k), got {V.shape}")
+        x_out, V_out, work, wv = self._buffers(V.shape[1])
+        self._advance(x, self._kernel_params, self._xi(xi), V, x_out, V_out, work, wv)
+        return V_out
+
+    def jacobian(self, x, xi=None):
+        return self.tangent(x, xi, np.eye(self.dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers for user functions
+
+
+def _jit_user(fn: Callable, argname: str):
+    """Jit a user function with rdsim's flags (already-jitted dispatchers are kept)."""
+    if isinstance(fn, nb.core.dispatcher.Dispatcher) or hasattr(fn, "py_func"):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"{argname}: expected a function, got {type(fn).__name__}")
+    return nb.njit(**NUMBA_OPTIONS)(fn)
+
+
+def _call_compiled(fn, argname: str, *args):
+    """Call a jitted user function, turning numba's compile errors into a TypeError."""
+    try:
+        return fn(*args)
+    except nb.core.errors.NumbaError as err:
+        msg = str(err).strip()
+        raise TypeError(f"{argname}: numba cannot compile this function:\n{msg}") from None
+
+
+def _check_params(params):
+    if not isinstance(params, tuple):
+        raise TypeError(f"params: expected a tuple of floats and/or arrays, got {type(params).__name__}")
+    return params
+
+
+def _check_noise_fn(noise, argname: str = "noise") -> int:
+    """Validate a noise(rng, n) function; returns the noise dimension m."""
+    if not callable(noise):
+        raise TypeError(f"{argname}: expected a function noise(rng, n) -> array (n, m), got {type(noise).__name__}")
+    out = np.asarray(noise(np.random.default_rng(0), 3))
+    if out.ndim != 2 or out.shape[0] != 3:
+        raise ValueError(f"{argname}: noise(rng, n) must return an array of shape (n, m); for n=3 it returned shape {out.shape}")
+    if not np.issubdtype(out.dtype, np.number):
+        raise TypeError(f"{argname}: noise(rng, n) must return real numbers, got dtype {out.dtype}")
+    return int(out.shape[1])
+
+
+def _check_dim(dim) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+    return int(dim)
+
+
+def _probe_point(dim: int) -> np.ndarray:
+    # a generic point (not a symmetric one such as 0) to call user functions on once
+    return 0.1 + 0.01 * np.arange(dim, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Map
+
+
+def _make_map_advance(step_j, jac_j):
+    @nb.njit(**NUMBA_OPTIONS)
+    def advance(x, params, xi, V, x_out, V_out, work, wv):
+        J = jac_j(x, params, xi)
+        x_out[:] = step_j(x, params, xi)
+        matmul_into(J, V, V_out)
+
+    return advance
+
+
+class Map(AbstractNumbaSystem):
+    """A (random) map x_{t+1} = step(x_t, params, xi_t) defined by plain numba-compilable functions.
+
+    Args:
+        step: ``step(x, params, xi) -> x_next`` with x of shape (dim,).
+        jacobian: ``jacobian(x, params, xi) -> (dim, dim)``, the derivative of ``step`` in x.
+        dim: state dimension.
+        params: tuple of floats and/or arrays passed to both functions unchanged.
+        noise: None (deterministic; ``xi`` has length 0) or ``noise(rng, n) -> (n, m)``, the noise of
+            n consecutive steps. rdsim draws it in fixed chunks so the sequence depends only on
+            the seed; the function itself should draw row by row (``rng.standard_normal((n, m))``
+            does) so that its output does not depend on n either (checked by
+            :func:`rdsim.testing.check_system`).
+        name: label used in messages and tables.
+        x0: optional default initial state.
+
+    Raises:
+        TypeError: a function numba cannot compile (with numba's message), params not a tuple.
+        ValueError: dim not a positive integer, functions returning the wrong shape.
+
+    Example:
+        >>> import numpy as np, rdsim
+        >>> def step(x, p, xi): return np.array([1.0 - p[0] * x[0] ** 2 + x[1], p[1] * x[0]])
+        >>> def jac(x, p, xi): return np.array([[-2.0 * p[0] * x[0], 1.0], [p[1], 0.0]])
+        >>> henon = rdsim.Map(step, jac, 2, params=(1.4, 0.3))
+        >>> res = rdsim.lyapunov_spectrum(henon, [0.1, 0.1], 20_000, transient=1000)
+        >>> abs(res.exponents.sum() - np.log(0.3)) < 1e-10
+        True
+    """
+
+    def __init__(self, step, jacobian, dim, *, params=(), noise=None, name=None, x0=None):
+        self.dim = _check_dim(dim)
+        self.params = _check_params(params)
+        self.name = name or getattr(step, "__name__", "map")
+        self.dt = 1.0
+        if noise is None:
+            self.noise_dim = 0
+            self._noise = None
+        else:
+            self.noise_dim = _check_noise_fn(noise)
+            self._noise = noise
+        self._step_fn = _jit_user(step, "step")
+        self._jac_fn = _jit_user(jacobian, "jacobian")
+        x = _probe_point(self.dim)
+        xi = np.zeros(self.noise_dim) if self._noise is None else np.ascontiguousarray(
+            self.sample_noise(np.random.default_rng(0), 1)[0])
+        out = np.asarray(_call_compiled(self._step_fn, "step", x, self.params, xi))
+        if out.shape != (self.dim,):
+            raise ValueError(f"step: must return an array of shape ({self.dim},), returned shape {out.shape}")
+        J = np.asarray(_call_compiled(self._jac_fn, "jacobian", x, self.params, xi))
+        if J.shape != (self.dim, self.dim):
+            raise ValueError(f"jacobian: must return an array of shape ({self.dim}, {self.dim}), returned shape {J.shape}")
+        self._advance = _make_map_advance(self._step_fn, self._jac_fn)
+        self._kernel_params = self.params
+        if x0 is not None:
+            self.x0 = self.initial_state(x0)
+
+    def sample_noise(self, rng, n):
+        if self._noise is None:
+            return np.empty((n, 0))
+        out = np.ascontiguousarray(self._noise(rng, n), dtype=np.float64)
+        if out.shape != (n, self.noise_dim):
+            raise ValueError(f"noise: noise(rng, {n}) returned shape {out.shape}, expected ({n}, {self.noise_dim})")
+        return out
+
+    def jacobian(self, x, xi=None):
+        return np.asarray(self._jac_fn(np.ascontiguousarray(x, dtype=np.float64), self.params, self._xi(xi)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow
+
+
+def _make_rk4_advance(rhs_j, jac_j):
+    # exact derivative of one classical RK4 step, pushed on the block V
+    @nb.njit(**NUMBA_OPTIONS)
+    def advance(x, kp, xi, V, x_out, V_out, work, wv):
+        dt = kp[0]
+        p = kp[1]
+        d = x.shape[0]
+        k = V.shape[1]
+        y = wv[0]
+        K = work[0]
+        Y = work[1]
+        acc = work[2]
+        # stage 1
+        J = jac_j(x, p, xi)
+        f = rhs_j(x, p)
+        matmul_into(J, V, K)
+        for i in range(d):
+            x_out[i] = x[i] + dt / 6.0 * f[i]
+            y[i] = x[i] + 0.5 * dt * f[i]
+            for j in range(k):
+                acc[i, j] = V[i, j] + dt / 6.0 * K[i, j]
+                Y[i, j] = V[i, j] + 0.5 * dt * K[i, j]
+        # stages 2 and 3
+        for stage in range(2):
+            J = jac_j(y, p, xi)
+            f = rhs_j(y, p)
+            matmul_into(J, Y, K)
+            h = 0.5 * dt if stage == 0 else dt
+            for i in range(d):
+                x_out[i] += dt / 3.0 * f[i]
+                y[i] = x[i] + h * f[i]
+                for j in range(k):
+                    acc[i, j] += dt / 3.0 * K[i, j]
+                    Y[i, j] = V[i, j] + h * K[i, j]
+        # stage 4
+        J = jac_j(y, p, xi)
+        f = rhs_j(y, p)
+        matmul_into(J, Y, K)
+        for i in range(d):
+            x_out[i] += dt / 6.0 * f[i]
+            for j in range(k):
+                V_out[i, j] = acc[i, j] + dt / 6.0 * K[i, j]
+
+    return advance
+
+
+def _make_em_advance(rhs_j, jac_j, diff_j, djac_j):
+    # Euler-Maruyama: x' = x + F(x) dt + G(x) * sqrt(dt) xi;  Dx' = I + dt DF + diag(sqrt(dt) xi) DG
+    @nb.njit(**NUMBA_OPTIONS)
+    def advance(x, kp, xi, V, x_out, V_out, work, wv):
+        dt = kp[0]
+        p = kp[1]
+        d = x.shape[0]
+        k = V.shape[1]
+        sq = np.sqrt(dt)
+        f = rhs_j(x, p)
+        g = diff_j(x, p)
+        J = jac_j(x, p, xi)
+        Jg = djac_j(x, p, xi)
+        K = work[0]
+        Kg = work[1]
+        matmul_into(J, V, K)
+        matmul_into(Jg, V, Kg)
+        for i in range(d):
+            dw = sq * xi[i]
+            x_out[i] = x[i] + dt * f[i] + g[i] * dw
+            for j in range(k):
+                V_out[i, j] = V[i, j] + dt * K[i, j] + dw * Kg[i, j]
+
+    return advance
+
+
+def _wrap_xi(fn):
+    """Adapt fn(x, params) to the (x, params, xi) calling convention of the kernels."""
+
+    @nb.njit(**NUMBA_OPTIONS)
+    def wrapped(x, p, xi):
+        return fn(x, p)
+
+    return wrapped
+
+
+class Flow(AbstractNumbaSystem):
+    """An ODE dx = F(x) dt (RK4) or Ito SDE dx = F(x) dt + G(x) dW (Euler-Maruyama), as a map of step dt.
+
+    The tangent map is the exact derivative of the same discrete step (RK4 or Euler-Maruyama), so
+    the QR engine measures the exponents of the integrator's map; they are reported per unit time.
+    For an SDE the noise is diagonal: G(x) = diag(diffusion(x)), xi_t ~ N(0, I), dW = sqrt(dt) xi_t.
+
+    Args:
+        rhs: ``rhs(x, params) -> (dim,)``, the drift F.
+        jacobian: ``jacobian(x, params) -> (dim, dim)``, DF.
+        dim: state dimension.
+        dt: integration step (> 0).
+        params: tuple of floats and/or arrays.
+        diffusion: ``diffusion(x, params) -> (dim,)``, the diagonal of G (None: an ODE).
+        diffusion_jacobian: ``(x, params) -> (dim, dim)``, the derivative of ``diffusion``
+            (required with ``diffusion``; entry (i, j) = d g_i / d x_j).
+        name: label.
+        x0: optional default initial state.
+
+    Example:
+        >>> import numpy as np, rdsim
+        >>> def f(x, p): return p[0] * x
+        >>> def J(x, p): return np.array([[p[0]]])
+        >>> def g(x, p): return p[1] * x
+        >>> def Jg(x, p): return np.array([[p[1]]])
+        >>> gbm = rdsim.Flow(f, J, 1, dt=1e-3, params=(0.2, 0.5), diffusion=g, diffusion_jacobian=Jg)
+        >>> res = rdsim.lyapunov_spectrum(gbm, [1.0], 400_000)
+        >>> abs(res.exponents[0] - (0.2 - 0.5 ** 2 / 2)) < 5 * res.stderr[0] + 2e-3
+        True
+    """
+
+    def __init__(self, rhs, jacobian, dim, *, dt, params=(), diffusion=None, diffusion_jacobian=None,
+                 name=None, x0=None):
+        self.dim = _check_dim(dim)
+        self.params = _check_params(params)
+        try:
+            dt = float(dt)
+        except (TypeError, ValueError):
+            raise TypeError(f"dt: expected a positive float, got {type(dt).__name__}") from None
+        if not (np.isfinite(dt) and dt > 0):
+            raise ValueError(f"dt: expected a positive finite step, got {dt}")
+        self.dt = dt
+        self.name = name or getattr(rhs, "__name__", "flow")
+        if (diffusion is None) != (diffusion_jacobian is None):
+            raise ValueError("diffusion_jacobian: diffusion and diffusion_jacobian must be given together")
+        self.sde = diffusion is not None
+        self.noise_dim = self.dim if self.sde else 0
+        self._rhs_fn = _jit_user(rhs, "rhs")
+        self._jac_fn = _jit_user(jacobian, "jacobian")
+        x = _probe_point(self.dim)
+        checks = [("rhs", self._rhs_fn, (self.dim,)), ("jacobian", self._jac_fn, (self.dim, self.dim))]
+        if self.sde:
+            self._diff_fn = _jit_user(diffusion, "diffusion")
+            self._djac_fn = _jit_user(diffusion_jacobian, "diffusion_jacobian")
+            checks += [("diffusion", self._diff_fn, (self.dim,)),
+                       ("diffusion_jacobian", self._djac_fn, (self.dim, self.dim))]
+        for argname, fn, shape in checks:
+            out = np.asarray(_call_compiled(fn, argname, x, self.params))
+            if out.shape != shape:
+                raise ValueError(f"{argname}: must return an array of shape {shape}, returned shape {out.shape}")
+        jac3 = _wrap_xi(self._jac_fn)
+        if self.sde:
+            self._advance = _make_em_advance(self._rhs_fn, jac3, self._diff_fn, _wrap_xi(self._djac_fn))
+            self._n_work = 2
+        else:
+            self._advance = _make_rk4_advance(self._rhs_fn, jac3)
+            self._n_work = 3
+        self._n_wv = 1
+        self._kernel_params = (self.dt, self.params)
+        if x0 is not None:
+            self.x0 = self.initial_state(x0)
+
+    def sample_noise(self, rng, n):
+        if not self.sde:
+            return np.empty((n, 0))
+        return rng.standard_normal((n, self.dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# noise
+
+
+class NoiseStream:
+    """The replayable noise xi_0, xi_1, ... of a system, drawn in fixed chunks from one generator.
+
+    ``take(n)`` returns the next n noise vectors. The user's ``sample_noise`` is always called with
+    exactly :data:`rdsim._config.NOISE_CHUNK` steps, so the sequence depends only on the seed, not
+    on how the caller segments the run.
+    """
+
+    def __init__(self, system: AbstractSystem, rng: np.random.Generator, chunk: int = NOISE_CHUNK):
+        self.system = system
+        self.rng = rng
+        self.chunk = int(chunk)
+        self.m = system.noise_dim
+        self._buf = np.empty((0, self.m))
+        self._pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        if self.m == 0:
+            return np.empty((n, 0))
+        parts = []
+        need = n
+        while need > 0:
+            if self._pos >= self._buf.shape[0]:
+                self._buf = self.system.sample_noise(self.rng, self.chunk)
+                if self._buf.shape != (self.chunk, self.m):
+                    raise ValueError(f"noise: returned shape {self._buf.shape}, expected ({self.chunk}, {self.m})")
+                self._pos = 0
+            take = min(need, self._buf.shape[0] - self._pos)
+            parts.append(self._buf[self._pos:self._pos + take])
+            self._pos += take
+            need -= take
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return np.ascontiguousarray(out, dtype=np.float64)

@@ -1,0 +1,1 @@
+"""Conformance checks (filled in below)."""
