@@ -289,10 +289,12 @@ def _gbm_djac(x, p):
 def gbm(mu: float = 0.5, sigma: float = 1.0, dt: float = 1e-3) -> Flow:
     """Geometric Brownian motion dx = mu x dt + sigma x dW (Ito), Euler-Maruyama with step dt.
 
-    Reference: lambda = mu - sigma^2/2 (the Euler-Maruyama map differs by O(dt)).
+    Reference: lambda = mu - sigma^2/2 (the Euler-Maruyama map differs by O(dt)). The default x0
+    is 0, a fixed point: the tangent cocycle (1 + mu dt + sigma dW) does not depend on x, and a
+    growing state would overflow on long runs.
     """
     f = Flow(_gbm_rhs, _gbm_jac, 1, dt=dt, params=(float(mu), float(sigma)), diffusion=_gbm_diff,
-             diffusion_jacobian=_gbm_djac, name="gbm", x0=[1.0])
+             diffusion_jacobian=_gbm_djac, name="gbm", x0=[0.0])
     f.reference = {"exponents": [mu - 0.5 * sigma ** 2]}
     return f
 
