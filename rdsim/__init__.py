@@ -7,7 +7,8 @@ on a numba backend for toy systems and a torch backend for neural networks.
 from ._dimension import Dimension, kaplan_yorke_dimension, sharpness_dimension
 from ._lyapunov import LyapunovResult, lyapunov_spectrum
 from ._systems import AbstractNumbaSystem, AbstractSystem, Flow, Map
-from . import systems, testing
+from ._optimizer_map import OptimizerMap, optimizer_map
+from . import losses, optim, systems, testing
 
 __version__ = "0.1.0"
 
@@ -18,8 +19,12 @@ __all__ = [
     "Flow",
     "LyapunovResult",
     "Map",
+    "OptimizerMap",
     "kaplan_yorke_dimension",
+    "losses",
     "lyapunov_spectrum",
+    "optim",
+    "optimizer_map",
     "sharpness_dimension",
     "systems",
     "testing",

@@ -97,7 +97,7 @@ def run_segment(advance, params, x, Q, noise, n, step0, n_total, qr_every, accum
         for i in range(d):
             x[i] = xc[i]
     if Qc is not Q:
-        for i in range(d):
+        for i in range(Q.shape[0]):
             for j in range(k):
                 Q[i, j] = Qc[i, j]
     return status, fail, hist_count

@@ -137,7 +137,7 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
     """
     if not isinstance(system, AbstractSystem):
         raise TypeError(f"system: expected an rdsim system (Map, Flow, optimizer map, ...), got {type(system).__name__}")
-    d = system.dim
+    d = system.tangent_dim
     n_steps = _check_int(n_steps, "n_steps", 1)
     transient = _check_int(transient, "transient", 0)
     qr_every = _check_int(qr_every, "qr_every", 1)

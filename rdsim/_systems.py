@@ -54,9 +54,23 @@ class AbstractSystem(abc.ABC):
         """Dense one-step Jacobian Df(x, xi), shape (dim, dim)."""
         return self.tangent(x, xi, np.eye(self.dim))
 
+    @property
+    def tangent_dim(self) -> int:
+        """Dimension of the tangent space the spectrum lives in (``dim`` unless a system says otherwise)."""
+        return self.dim
+
     @abc.abstractmethod
     def sample_noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """The noise of n consecutive steps, shape (n, noise_dim), float64."""
+
+    def noise_sampler(self, rng: np.random.Generator):
+        """A callable ``sampler(n)`` returning the next n noise vectors of one run.
+
+        The default draws ``sample_noise(rng, n)``; systems whose noise has memory (epoch-wise
+        minibatches, a step counter) return a stateful sampler. rdsim always calls it with fixed
+        chunk sizes, so the sequence depends only on the generator's seed.
+        """
+        return lambda n: self.sample_noise(rng, n)
 
     def initial_state(self, x0) -> np.ndarray:
         """Validate x0 and return the full initial state as a fresh float64 array (dim,)."""
@@ -94,8 +108,8 @@ class AbstractNumbaSystem(AbstractSystem):
     _n_wv: int = 0
 
     def _buffers(self, k: int):
-        d = self.dim
-        return (np.empty(d), np.empty((d, k)), np.empty((max(self._n_work, 1), d, k)),
+        d, dt = self.dim, self.tangent_dim
+        return (np.empty(d), np.empty((dt, k)), np.empty((max(self._n_work, 1), max(d, dt), k)),
                 np.empty((max(self._n_wv, 1), d)))
 
     def _xi(self, xi) -> np.ndarray:
@@ -111,20 +125,20 @@ class AbstractNumbaSystem(AbstractSystem):
     def step(self, x, xi=None):
         x = np.ascontiguousarray(x, dtype=np.float64)
         x_out, V_out, work, wv = self._buffers(1)
-        self._advance(x, self._kernel_params, self._xi(xi), np.zeros((self.dim, 1)), x_out, V_out, work, wv)
+        self._advance(x, self._kernel_params, self._xi(xi), np.zeros((self.tangent_dim, 1)), x_out, V_out, work, wv)
         return x_out
 
     def tangent(self, x, xi, V):
         x = np.ascontiguousarray(x, dtype=np.float64)
         V = np.ascontiguousarray(V, dtype=np.float64)
-        if V.ndim != 2 or V.shape[0] != self.dim:
-            raise ValueError(f"V: expected shape ({self.dim}, k), got {V.shape}")
+        if V.ndim != 2 or V.shape[0] != self.tangent_dim:
+            raise ValueError(f"V: expected shape ({self.tangent_dim}, k), got {V.shape}")
         x_out, V_out, work, wv = self._buffers(V.shape[1])
         self._advance(x, self._kernel_params, self._xi(xi), V, x_out, V_out, work, wv)
         return V_out
 
     def jacobian(self, x, xi=None):
-        return self.tangent(x, xi, np.eye(self.dim))
+        return self.tangent(x, xi, np.eye(self.tangent_dim))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +446,7 @@ class Flow(AbstractNumbaSystem):
 class NoiseStream:
     """The replayable noise xi_0, xi_1, ... of a system, drawn in fixed chunks from one generator.
 
-    ``take(n)`` returns the next n noise vectors. The user's ``sample_noise`` is always called with
+    ``take(n)`` returns the next n noise vectors. The system's noise sampler is always called with
     exactly :data:`rdsim._config.NOISE_CHUNK` steps, so the sequence depends only on the seed, not
     on how the caller segments the run.
     """
@@ -444,6 +458,7 @@ class NoiseStream:
         self.m = system.noise_dim
         self._buf = np.empty((0, self.m))
         self._pos = 0
+        self._sampler = system.noise_sampler(rng) if self.m else None
 
     def take(self, n: int) -> np.ndarray:
         if self.m == 0:
@@ -452,7 +467,7 @@ class NoiseStream:
         need = n
         while need > 0:
             if self._pos >= self._buf.shape[0]:
-                self._buf = self.system.sample_noise(self.rng, self.chunk)
+                self._buf = np.ascontiguousarray(self._sampler(self.chunk), dtype=np.float64)
                 if self._buf.shape != (self.chunk, self.m):
                     raise ValueError(f"noise: returned shape {self._buf.shape}, expected ({self.chunk}, {self.m})")
                 self._pos = 0
