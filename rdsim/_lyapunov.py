@@ -180,7 +180,14 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
         from tqdm.auto import tqdm
         bar = tqdm(total=transient + n_steps, desc=f"lyapunov {system.name}", unit="step", leave=False)
 
-    runner = _run_numba if isinstance(system, AbstractNumbaSystem) else _run_python
+    if isinstance(system, AbstractNumbaSystem):
+        runner = _run_numba
+    elif hasattr(system, "_run_phase"):
+        # systems with their own fast loop (the torch backend keeps state and block on its device)
+        def runner(system, *args):
+            return system._run_phase(*args)
+    else:
+        runner = _run_python
     status, fail_at, hist_count = OK, -1, 0
     try:
         phases = ((transient, False), (n_steps, True))
