@@ -16,7 +16,6 @@ import numba as nb
 import numpy as np
 
 from ._config import NUMBA_OPTIONS
-from ._linalg import orthonormalize
 
 # status codes returned by the kernels
 OK = 0
@@ -25,12 +24,13 @@ TANGENT_NONFINITE = 2
 
 
 @nb.njit(**NUMBA_OPTIONS)
-def run_segment(advance, params, x, Q, noise, n, step0, n_total, qr_every, accumulate,
+def run_segment(advance, orthonormalize, params, x, Q, noise, n, step0, n_total, qr_every, accumulate,
                 sums, block_sums, block_steps, n_blocks, record_every, hist, hist_steps,
                 hist_count, x_buf, V_buf, work, wv, rdiag):
     """Advance ``n`` steps (global indices step0 .. step0+n-1 of a phase of n_total steps).
 
-    Re-orthonormalises after every ``qr_every`` steps of the phase and at its last step. When
+    ``orthonormalize(Q, rdiag)`` is the QR kernel for the block's size (see
+    :func:`rdsim._linalg.make_orthonormalize`). Re-orthonormalises after every ``qr_every`` steps of the phase and at its last step. When
     ``accumulate`` is true the logs |R_ii| go into ``sums`` (k,) and into the error block of the
     step (block b holds steps g with floor(g * n_blocks / n_total) = b); every ``record_every``
     steps the running estimate (per step) is written to ``hist``. ``x`` and ``Q`` are updated in

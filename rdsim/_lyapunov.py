@@ -10,6 +10,7 @@ import numpy as np
 from . import _config
 from ._dimension import Dimension, kaplan_yorke_dimension
 from ._engine import OK, STATE_NONFINITE, run_segment
+from ._linalg import make_orthonormalize
 from ._systems import AbstractNumbaSystem, AbstractSystem, NoiseStream
 
 __all__ = ["LyapunovResult", "lyapunov_spectrum", "start_block"]
@@ -242,13 +243,14 @@ def _run_numba(system, x, Q, noise, n_total, qr_every, accumulate, n_blocks, rec
     d, k = Q.shape
     x_buf, V_buf, work, wv = system._buffers(k)
     rdiag = np.zeros(k)
+    ortho = make_orthonormalize(d, k)
     seg = _config.SEGMENT_STEPS
     done = 0
     while done < n_total:
         n = min(seg, n_total - done)
         xi = noise.take(n)
         status, fail_at, hist_count = run_segment(
-            system._advance, system._kernel_params, x, Q, xi, n, done, n_total, qr_every, accumulate,
+            system._advance, ortho, system._kernel_params, x, Q, xi, n, done, n_total, qr_every, accumulate,
             state["sums"], state["block_sums"], state["block_steps"], n_blocks,
             record_every if accumulate else 0, state["hist"], state["hist_steps"], hist_count,
             x_buf, V_buf, work, wv, rdiag)

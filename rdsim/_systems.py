@@ -20,7 +20,7 @@ import numba as nb
 import numpy as np
 
 from ._config import NOISE_CHUNK, NUMBA_OPTIONS
-from ._linalg import matmul_into
+from ._linalg import make_matmul, matmul_into
 
 __all__ = ["AbstractSystem", "AbstractNumbaSystem", "Map", "Flow", "NoiseStream"]
 
@@ -196,12 +196,32 @@ def _probe_point(dim: int) -> np.ndarray:
 # Map
 
 
-def _make_map_advance(step_j, jac_j):
+def _n_params(fn) -> int:
+    """Number of positional parameters of a (possibly jitted) user function."""
+    import inspect
+
+    try:
+        return len(inspect.signature(getattr(fn, "py_func", fn)).parameters)
+    except (TypeError, ValueError):
+        return 3
+
+
+def _make_map_advance(step_j, jac_j, d, step_inplace, jac_inplace):
+    matmul = make_matmul(d)
+
     @nb.njit(**NUMBA_OPTIONS)
-    def advance(x, params, xi, V, x_out, V_out, work, wv):
-        J = jac_j(x, params, xi)
-        x_out[:] = step_j(x, params, xi)
-        matmul_into(J, V, V_out)
+    def advance(x, kp, xi, V, x_out, V_out, work, wv):
+        params = kp[0]
+        if jac_inplace:
+            J = kp[1]
+            jac_j(x, params, xi, J)
+        else:
+            J = jac_j(x, params, xi)
+        if step_inplace:
+            step_j(x, params, xi, x_out)
+        else:
+            x_out[:] = step_j(x, params, xi)
+        matmul(J, V, V_out)
 
     return advance
 
@@ -210,8 +230,11 @@ class Map(AbstractNumbaSystem):
     """A (random) map x_{t+1} = step(x_t, params, xi_t) defined by plain numba-compilable functions.
 
     Args:
-        step: ``step(x, params, xi) -> x_next`` with x of shape (dim,).
-        jacobian: ``jacobian(x, params, xi) -> (dim, dim)``, the derivative of ``step`` in x.
+        step: ``step(x, params, xi) -> x_next`` with x of shape (dim,). The in-place form
+            ``step(x, params, xi, out)`` (four parameters: write x_next into ``out``) is also
+            accepted and is the fast path: it allocates nothing per step.
+        jacobian: ``jacobian(x, params, xi) -> (dim, dim)``, the derivative of ``step`` in x; or
+            in place, ``jacobian(x, params, xi, out)`` writing into a (dim, dim) ``out``.
         dim: state dimension.
         params: tuple of floats and/or arrays passed to both functions unchanged.
         noise: None (deterministic; ``xi`` has length 0) or ``noise(rng, n) -> (n, m)``, the noise of
@@ -252,14 +275,22 @@ class Map(AbstractNumbaSystem):
         x = _probe_point(self.dim)
         xi = np.zeros(self.noise_dim) if self._noise is None else np.ascontiguousarray(
             self.sample_noise(np.random.default_rng(0), 1)[0])
-        out = np.asarray(_call_compiled(self._step_fn, "step", x, self.params, xi))
+        self._step_inplace = _n_params(step) == 4
+        self._jac_inplace = _n_params(jacobian) == 4
+        self._Jbuf = np.zeros((self.dim, self.dim))
+        if self._step_inplace:
+            out = np.full(self.dim, np.nan)
+            _call_compiled(self._step_fn, "step", x, self.params, xi, out)
+        else:
+            out = np.asarray(_call_compiled(self._step_fn, "step", x, self.params, xi))
         if out.shape != (self.dim,):
             raise ValueError(f"step: must return an array of shape ({self.dim},), returned shape {out.shape}")
-        J = np.asarray(_call_compiled(self._jac_fn, "jacobian", x, self.params, xi))
+        J = self._call_jac(x, xi, "jacobian")
         if J.shape != (self.dim, self.dim):
             raise ValueError(f"jacobian: must return an array of shape ({self.dim}, {self.dim}), returned shape {J.shape}")
-        self._advance = _make_map_advance(self._step_fn, self._jac_fn)
-        self._kernel_params = self.params
+        self._advance = _make_map_advance(self._step_fn, self._jac_fn, self.dim, self._step_inplace,
+                                          self._jac_inplace)
+        self._kernel_params = (self.params, self._Jbuf)
         if x0 is not None:
             self.x0 = self.initial_state(x0)
 
@@ -271,8 +302,20 @@ class Map(AbstractNumbaSystem):
             raise ValueError(f"noise: noise(rng, {n}) returned shape {out.shape}, expected ({n}, {self.noise_dim})")
         return out
 
+    def _call_jac(self, x, xi, argname=None):
+        if self._jac_inplace:
+            J = np.zeros((self.dim, self.dim))
+            if argname:
+                _call_compiled(self._jac_fn, argname, x, self.params, xi, J)
+            else:
+                self._jac_fn(x, self.params, xi, J)
+            return J
+        if argname:
+            return np.asarray(_call_compiled(self._jac_fn, argname, x, self.params, xi))
+        return np.asarray(self._jac_fn(x, self.params, xi))
+
     def jacobian(self, x, xi=None):
-        return np.asarray(self._jac_fn(np.ascontiguousarray(x, dtype=np.float64), self.params, self._xi(xi)))
+        return self._call_jac(np.ascontiguousarray(x, dtype=np.float64), self._xi(xi))
 
 
 # ---------------------------------------------------------------------------------------------
