@@ -18,6 +18,7 @@ import numba as nb
 import numpy as np
 
 from ._config import NUMBA_OPTIONS
+from ._linalg import matmul_into
 
 __all__ = ["ToyLoss", "quadratic", "least_squares", "dln", "cosine_landscape"]
 
@@ -98,15 +99,7 @@ def _quad_grad(x, data, idx, out):
 
 @_jit
 def _quad_hvp(x, data, idx, V, out):
-    A = data[0]
-    d, k = V.shape
-    for i in range(d):
-        for c in range(k):
-            out[i, c] = 0.0
-        for j in range(d):
-            a = A[i, j]
-            for c in range(k):
-                out[i, c] += a * V[j, c]
+    matmul_into(data[0], V, out)
 
 
 def quadratic(A) -> ToyLoss:

@@ -286,7 +286,7 @@ def _gbm_djac(x, p):
     return np.array([[p[1]]])
 
 
-def gbm(mu: float = 0.5, sigma: float = 1.0, dt: float = 1e-3) -> Flow:
+def gbm(mu: float = 0.5, sigma: float = 0.5, dt: float = 1e-3) -> Flow:
     """Geometric Brownian motion dx = mu x dt + sigma x dW (Ito), Euler-Maruyama with step dt.
 
     Reference: lambda = mu - sigma^2/2 (the Euler-Maruyama map differs by O(dt)). The default x0
