@@ -12,7 +12,7 @@ import functools
 import numba as nb
 import numpy as np
 
-from ._config import NUMBA_OPTIONS, SMALL_DIM_MAX
+from ._config import NUMBA_OPTIONS, QR_MGS_MAX_DIM, SMALL_DIM_MAX
 
 
 @nb.njit(**NUMBA_OPTIONS)
@@ -103,11 +103,11 @@ _mgs_inline = nb.njit(inline="always", **NUMBA_OPTIONS)(_mgs_source())
 def orthonormalize(M, rdiag):
     """Thin QR of M (d, k) in place: M <- Q, rdiag <- |diag R|.
 
-    Small blocks use modified Gram-Schmidt with conditional re-orthogonalisation; large ones
-    LAPACK. A column that collapses to zero is left as zeros with rdiag 0 (the caller reports it).
+    Blocks with d <= QR_MGS_MAX_DIM use modified Gram-Schmidt with conditional
+    re-orthogonalisation; larger ones LAPACK. A column that collapses to zero is left as zeros with rdiag 0 (the caller reports it).
     """
     d, k = M.shape
-    if d > SMALL_DIM_MAX:
+    if d > QR_MGS_MAX_DIM:
         _qr_lapack(M, rdiag)
     else:
         _mgs(M, rdiag, d, k)
