@@ -13,6 +13,8 @@ bias correction part of the driving sequence. The tangent maps are exact:
 
 from __future__ import annotations
 
+import functools
+
 import numba as nb
 import numpy as np
 
@@ -32,6 +34,10 @@ def _hyper(spec: OptimizerSpec) -> np.ndarray:
                      1.0 if spec.decoupled else 0.0])
 
 
+# The kernels are cached per (loss kernels, d): hyperparameters and data are runtime arguments, so
+# every spec of one kind on one loss type shares one compiled advance and hence one compiled QR
+# engine (without the cache each optimizer map recompiled the engine, ~2-3 s per grid point).
+@functools.lru_cache(maxsize=None)
 def _make_sgd_advance(grad_k, hvp_k, d):
     @nb.njit(**NUMBA_OPTIONS)
     def advance(z, kp, xi, V, z_out, V_out, work, wv):
@@ -51,6 +57,7 @@ def _make_sgd_advance(grad_k, hvp_k, d):
     return advance
 
 
+@functools.lru_cache(maxsize=None)
 def _make_momentum_advance(grad_k, hvp_k, d):
     @nb.njit(**NUMBA_OPTIONS)
     def advance(z, kp, xi, V, z_out, V_out, work, wv):
@@ -75,6 +82,7 @@ def _make_momentum_advance(grad_k, hvp_k, d):
     return advance
 
 
+@functools.lru_cache(maxsize=None)
 def _make_adam_advance(grad_k, hvp_k, d, frozen):
     @nb.njit(**NUMBA_OPTIONS)
     def advance(z, kp, xi, V, z_out, V_out, work, wv):

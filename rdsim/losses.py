@@ -111,6 +111,8 @@ def quadratic(A) -> ToyLoss:
     A = np.ascontiguousarray(A, dtype=np.float64)
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"A: expected a square matrix, got shape {A.shape}")
+    if not np.all(np.isfinite(A)):
+        raise ValueError("A: must be finite")
     if not np.allclose(A, A.T, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(A).max())):
         raise ValueError("A: expected a symmetric matrix")
     d = A.shape[0]
@@ -352,5 +354,7 @@ def cosine_landscape(A: float = 2.0, k: float = 4.0, dim: int = 2) -> ToyLoss:
     """L(x) = 1/2 ||x||^2 - A prod_i cos(k x_i) (arXiv 2604.19740, Fig. 6; one "sample")."""
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+    if not (np.isfinite(A) and np.isfinite(k)):
+        raise ValueError(f"A, k: must be finite, got A={A}, k={k}")
     return ToyLoss("cosine_landscape", int(dim), 1, (np.array([float(A), float(k)]),), _cos_value,
                    _cos_grad, _cos_hvp, x0=np.full(int(dim), 0.3))

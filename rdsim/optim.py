@@ -111,6 +111,8 @@ class OptimizerSpec:
         parts = [f"lr={self.lr:g}"]
         if self.batch_size is not None:
             parts.append(f"b={self.batch_size}")
+            if self.sampling != "iid":
+                parts.append(f"sampling={self.sampling}")
         if self.kind == "momentum":
             parts.append(f"beta={self.beta:g}")
         if self.kind == "adam":
