@@ -1,0 +1,748 @@
+"""An optimizer on a ``torch.nn.Module`` as a random map (private; public name ``rdsim.torch.OptimizerMap``).
+
+The state, noise layout and update rules are those of the numba backend (:mod:`rdsim._optimizer_map`)
+and of ``torch.optim``; the tangent map is the forward-over-reverse derivative of the whole update
+(``torch.func.jvp`` of a function that calls ``torch.func.grad``), batched over the tangent block
+with ``torch.func.vmap``. The QR loop of :func:`rdsim.lyapunov_spectrum` runs on the model's device
+(:meth:`OptimizerMap._run_phase`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, jvp, vmap
+
+from .._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE
+from .._systems import AbstractSystem
+from ..optim import OptimizerSpec, minibatch_sampler
+from ._lanczos import lanczos_top
+
+__all__ = ["OptimizerMap"]
+
+_mul = torch.ops.aten.mul.Scalar
+_div = torch.ops.aten.div.Scalar
+_adds = torch.ops.aten.add.Scalar
+
+#: steps between the host's looks at the device-side divergence flag inside ``_run_phase``
+SYNC_EVERY = 64
+#: noise rows moved to the device at a time inside ``_run_phase``
+NOISE_ROWS = 1024
+
+_RECORD_KINDS = ("loss", "batch_loss", "sharpness", "checkpoints")
+
+
+def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """sqrt(v) for v >= 0 whose derivative at v = 0 is taken as 0 (as the numba Adam map does).
+
+    The value is exactly ``torch.sqrt(v)``; only the derivative differs, and only at v = 0, where a
+    coordinate with zero gradient and zero second moment would otherwise produce inf * 0 = nan.
+    """
+    pos = v > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, 1.0)), 0.0)
+
+
+def _dropout_modules(model: nn.Module):
+    for name, mod in model.named_modules():
+        if not mod.training:
+            continue
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            yield name or type(mod).__name__, mod
+        elif isinstance(mod, nn.MultiheadAttention) and mod.dropout > 0:
+            yield name or type(mod).__name__, mod
+
+
+class OptimizerMap(AbstractSystem):
+    """An optimizer (GD, SGD, momentum, Adam/AdamW) on a ``torch.nn.Module`` as a random map.
+
+    The same random dynamical system as :func:`rdsim.optimizer_map` on a toy loss (MATH.md §1), with
+    the loss L_B(x) = ``loss_fn(model(inputs[B]), targets[B])`` of a network:
+
+    * state z = (x), (x, m) or (x, m, v): each block flattened in ``model.named_parameters()``
+      order (trainable parameters only), concatenated, x first;
+    * noise xi_t = the minibatch indices B_t (as floats, from :func:`rdsim.optim.minibatch_sampler`,
+      so the same seed gives the same minibatches as the numba backend), preceded for Adam by the
+      step counter t = 1, 2, ...; full batch: no indices;
+    * update (torch.optim conventions): SGD x' = x - lr g; momentum m' = beta m + g, x' = x - lr m';
+      Adam g <- g + wd x (L2; AdamW instead shrinks x by 1 - lr wd), m' = lerp(m, g, 1 - b1),
+      v' = b2 v + (1 - b2) g^2, x' = x - (lr / (1 - b1^t)) m' / (sqrt(v') / sqrt(1 - b2^t) + eps);
+    * tangent: Df(z, xi) V by ``torch.func.jvp`` of the whole update with respect to the full
+      state (forward-over-reverse through ``torch.func.grad``), vmapped over the k columns of V
+      (in chunks of ``chunk_size``). ``tangent="frozen"`` (Adam only) is the labelled
+      approximation V' = (1 - lr wd_decoupled) V - lr (H V + wd_L2 V) / (sqrt(v_hat') + eps) on
+      the d-dimensional parameter space, exactly as the numba backend.
+
+    The update is a pure function of (flat state, minibatch, t): the parameter block is viewed as
+    a dict {name: tensor} and the model evaluated with ``torch.func.functional_call`` (buffers
+    and frozen parameters passed alongside as constants). The model itself is never modified:
+    its parameters are copied at construction and serve as the default initial state.
+    Parameters with ``requires_grad=False`` are constants, not state. An operation without a
+    forward-mode derivative through its backward (``F.huber_loss``, say) is reported as a
+    ValueError at construction, where one tangent is pushed as a check.
+
+    In :func:`rdsim.lyapunov_spectrum` the loop runs on the map's device (:meth:`_run_phase`):
+    state and tangent block stay there, the QR is ``torch.linalg.qr`` in float64 and the logs
+    are accumulated in float64 on the device; the host looks at a device-side divergence flag
+    every 64 steps. A non-finite loss or state is status "diverged" (state), a non-finite or
+    rank-deficient block likewise (tangent), with the step index, never an exception.
+
+    Modes (the model's own ``training`` flags at construction decide, module by module; a run
+    refuses to start if they changed since):
+
+    * BatchNorm (any ``_NormBase`` with running statistics) in **train mode** uses the statistics
+      of the current minibatch, which is the map that training follows; the running statistics
+      are neither read nor written (they are passed to the functional call as None). In **eval
+      mode** it uses the running statistics as constants. In neither case is a buffer of the model
+      written, inside the tangent computation or anywhere else.
+    * Dropout in train mode makes the step random beyond the minibatch, which the RDS does not
+      model: a module applying dropout (``nn.Dropout*``, ``nn.AlphaDropout``, attention dropout)
+      in train mode raises ValueError; call ``model.eval()`` (or set p = 0). A forward pass that
+      still differs between two identical calls (functional dropout, say) is refused too.
+
+    Records (``record=``): a dict {name: every} with names "loss" (full-data training loss at
+    x_s), "batch_loss" (the minibatch loss of step s, free), "sharpness" (lambda_max of the
+    full-data Hessian by 20 Lanczos steps with full reorthogonalisation; give
+    ``(every, {"n_iter": m})`` to change m) and "checkpoints" (the parameters x_s as a float64
+    array), plus any ``name: (fn, every)`` with ``fn(step, z, system)`` returning the value to keep
+    (z: the state tensor on the device). A bare callable is ``{"callback": (fn, 1)}``. Steps s count
+    from 0 at the start of a run (transient included); the values are taken at the state x_s
+    before step s, and after the last step when it falls on the grid. After a run,
+    ``system.records`` holds lists ``records[name]`` and ``records[name + "_steps"]``.
+
+    Args:
+        model: the network (any ``torch.nn.Module`` whose forward is a deterministic function of
+            parameters and inputs once dropout is off).
+        loss_fn: ``loss_fn(outputs, targets)`` -> the mean loss over the batch (a scalar tensor).
+        data: ``(inputs, targets)``, tensors (or arrays) with the samples along dimension 0.
+        optimizer: a spec from :mod:`rdsim.optim` (``gd``, ``sgd``, ``momentum``, ``adam``).
+        device: where everything runs (default: the model's parameters' device).
+        dtype: floating dtype of parameters, floating buffers and floating data (default: the
+            model's). Exponent accumulators and the QR are float64 whatever the dtype.
+        chunk_size: tangent vectors per vmapped jvp (None: the whole block at once); bounds memory.
+        tangent: "exact" or "frozen" (Adam only).
+        record: see above.
+
+    Attributes:
+        dim, noise_dim, tangent_dim, dt, name, backend: the :class:`rdsim.AbstractSystem` interface.
+        n_params: d, the number of trainable parameters. n_samples: n.
+        param_names, param_shapes: the flat layout of x.
+        records: the records of the last run (see above).
+        n_jvp, n_hvp: work counters (tangent vectors pushed, Hessian-vector products for records).
+
+    Raises:
+        TypeError: model, loss_fn, data or optimizer of the wrong kind.
+        ValueError: inputs and targets of different lengths, a model that cannot be applied to the
+            inputs, a loss that is not a scalar, batch size above the number of samples, dropout
+            in train mode, no trainable parameters, a bad ``tangent``, ``chunk_size`` or ``record``.
+
+    Example:
+        GD on least squares, L(w) = (1/2n) ||X w - y||^2: the spectrum is sorted log|1 - lr alpha_i|.
+
+        >>> import numpy as np, torch, rdsim, rdsim.torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64); y = torch.randn(20, dtype=torch.float64)
+        >>> net = torch.nn.Linear(3, 1, bias=False).double()
+        >>> mse = lambda out, t: 0.5 * ((out.squeeze(-1) - t) ** 2).mean()
+        >>> system = rdsim.torch.OptimizerMap(net, mse, (X, y), rdsim.optim.gd(0.3))
+        >>> res = rdsim.lyapunov_spectrum(system, None, 100, transient=200)
+        >>> alpha = np.linalg.eigvalsh((X.T @ X).numpy() / 20)
+        >>> bool(np.allclose(res.exponents, np.sort(np.log(np.abs(1 - 0.3 * alpha)))[::-1], atol=1e-10))
+        True
+
+    References:
+        Tuci, Korkmaz, Simsekli, Birdal, "Generalization at the Edge of Stability", arXiv 2604.19740
+        (SGD as a random dynamical system); Benettin, Galgani, Giorgilli, Strelcyn (1980) (QR method).
+    """
+
+    backend = "torch"
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, optimizer: OptimizerSpec, *,
+                 device=None, dtype=None, chunk_size: int | None = None, tangent: str = "exact",
+                 record=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a function loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+        if not isinstance(optimizer, OptimizerSpec):
+            raise TypeError("optimizer: expected a spec from rdsim.optim (gd, sgd, momentum, adam), "
+                            f"got {type(optimizer).__name__}")
+        if tangent not in ("exact", "frozen"):
+            raise ValueError(f"tangent: expected 'exact' or 'frozen', got {tangent!r}")
+        if tangent == "frozen" and optimizer.kind != "adam":
+            raise ValueError("tangent: 'frozen' (I - eta P^-1 H) applies to adam only")
+        if chunk_size is not None:
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+                raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r}")
+            chunk_size = int(chunk_size)
+        for name, mod in _dropout_modules(model):
+            raise ValueError(f"model: module {name!r} ({type(mod).__name__}) applies dropout in train "
+                             "mode, which makes the step random beyond the minibatch; call model.eval() "
+                             "(or set its p to 0) before building the map")
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: has no trainable parameters (requires_grad=True)")
+        if dtype is None:
+            dtype = next((p.dtype for _, p in named if p.is_floating_point()), torch.get_default_dtype())
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype: expected a floating torch dtype, got {dtype!r}")
+        device = torch.device(named[0][1].device if device is None else device)
+        self.device, self.dtype = device, dtype
+        self.model, self.loss_fn, self.spec, self.tangent_kind = model, loss_fn, optimizer, tangent
+        self.chunk_size = chunk_size
+
+        # parameters (state) and constants (frozen parameters and buffers)
+        self.param_names = [n for n, _ in named]
+        self.param_shapes = [tuple(p.shape) for _, p in named]
+        self._numels = [p.numel() for _, p in named]
+        d = sum(self._numels)
+        self.n_params = d
+        with torch.no_grad():
+            self._x_model = torch.cat([p.detach().reshape(-1) for _, p in named]).to(device=device, dtype=dtype)
+        consts: dict[str, Any] = {}
+        trainable = set(self.param_names)
+        for n, p in model.named_parameters():
+            if n not in trainable:
+                consts[n] = self._cast(p.detach().clone())
+        for n, b in model.named_buffers():
+            consts[n] = self._cast(b.detach().clone())
+        # BatchNorm policy: in train mode, batch statistics, running statistics neither read nor written
+        self.batchnorm_train_mode = []
+        for mname, mod in model.named_modules():
+            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training and mod.track_running_stats:
+                self.batchnorm_train_mode.append(mname)
+                for b in ("running_mean", "running_var", "num_batches_tracked"):
+                    key = f"{mname}.{b}" if mname else b
+                    if key in consts:
+                        consts[key] = None
+        self._consts = consts
+        self._modes = self._training_flags()
+
+        # data
+        if not isinstance(data, (tuple, list)) or len(data) != 2:
+            raise TypeError("data: expected a pair (inputs, targets) of tensors")
+        inputs, targets = (self._data_tensor(a, nm) for a, nm in zip(data, ("inputs", "targets")))
+        if inputs.ndim == 0 or targets.ndim == 0:
+            raise ValueError("data: inputs and targets need a leading sample dimension")
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"data: inputs have {inputs.shape[0]} samples but targets have "
+                             f"{targets.shape[0]} (dimension 0 must match)")
+        self.n_samples = n = int(inputs.shape[0])
+        if n == 0:
+            raise ValueError("data: no samples")
+        optimizer.check_data_size(n)
+        self.inputs, self.targets = inputs, targets
+
+        # the interface
+        self.dim = d * (1 + optimizer.n_buffers)
+        self._tangent_dim = d if tangent == "frozen" else self.dim
+        self._b = optimizer.batch_size or 0
+        self.noise_dim = self._b + (1 if optimizer.kind == "adam" else 0)
+        self.dt = 1.0
+        self.name = f"{optimizer.label()} on {type(model).__name__}"
+        self.n_jvp = 0
+        self.n_hvp = 0
+        self._records_spec = self._parse_record(record)
+        self.records: dict[str, list] = {}
+        self._run_noise = None
+        self._run_step = 0
+
+        self._probe()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.to(device=self.device, dtype=self.dtype)
+        return t.to(device=self.device)
+
+    def _data_tensor(self, a, name) -> torch.Tensor:
+        if not isinstance(a, torch.Tensor):
+            try:
+                a = torch.as_tensor(np.asarray(a))
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(f"data: {name} must be a tensor or an array, got {type(a).__name__}") from err
+        return self._cast(a.detach())
+
+    def _training_flags(self):
+        return tuple(m.training for m in self.model.modules())
+
+    def _check_modes(self):
+        if self._training_flags() != self._modes:
+            raise RuntimeError("model: its train/eval flags changed after the map was built; the BatchNorm "
+                               "and dropout policy is fixed at construction, so build a new OptimizerMap")
+
+    def _parse_record(self, record):
+        if record is None:
+            return {}
+        if callable(record):
+            record = {"callback": (record, 1)}
+        if not isinstance(record, dict):
+            raise TypeError("record: expected a dict {name: every} (names: loss, batch_loss, sharpness, "
+                            f"checkpoints, or name: (fn, every)) or a callable, got {type(record).__name__}")
+        spec = {}
+        for name, val in record.items():
+            opts: dict = {}
+            fn = None
+            if isinstance(val, tuple):
+                if len(val) != 2:
+                    raise ValueError(f"record: {name!r}: expected every, (every, options) or (fn, every)")
+                if callable(val[0]):
+                    fn, val = val
+                else:
+                    val, opts = val
+                    if not isinstance(opts, dict):
+                        raise ValueError(f"record: {name!r}: options must be a dict")
+            if fn is None and name not in _RECORD_KINDS:
+                raise ValueError(f"record: unknown record {name!r}; built-in ones are {_RECORD_KINDS}, "
+                                 "custom ones are given as name: (fn, every)")
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"record: {name!r}: expected a positive integer interval, got {val!r}")
+            spec[name] = (int(val), fn, opts)
+        return spec
+
+    def _params(self, x: torch.Tensor) -> dict:
+        return {n: t.view(s) for n, t, s in zip(self.param_names, x.split(self._numels), self.param_shapes)}
+
+    def param_dict(self, z) -> dict[str, torch.Tensor]:
+        """The parameters of state ``z`` (array or tensor; parameters or full state) as {name: tensor}."""
+        z = torch.as_tensor(np.asarray(z) if not isinstance(z, torch.Tensor) else z)
+        z = z.to(device=self.device, dtype=self.dtype).reshape(-1)
+        return {n: t.clone() for n, t in self._params(z[:self.n_params]).items()}
+
+    def load_into(self, model: nn.Module, z) -> nn.Module:
+        """Copy the parameters of state ``z`` into ``model`` (same architecture) in place; returns it."""
+        params = self.param_dict(z)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in params:
+                    p.copy_(params[n].to(device=p.device, dtype=p.dtype))
+        return model
+
+    def _loss(self, x: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, (self._params(x), self._consts), (xb,))
+        return self.loss_fn(out, yb)
+
+    def _probe(self):
+        b = self._b or self.n_samples
+        xb, yb = self.inputs[:b], self.targets[:b]
+        shape = tuple(self.inputs.shape)
+        try:
+            with torch.no_grad():
+                out = functional_call(self.model, (self._params(self._x_model), self._consts), (xb,))
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise ValueError(f"data: the model cannot be applied to inputs of shape {shape} "
+                             f"(dtype {self.inputs.dtype}): {err}") from err
+        try:
+            with torch.no_grad():
+                loss = self.loss_fn(out, yb)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"loss_fn: failed on model outputs of shape {out_shape} and targets of shape "
+                             f"{tuple(yb.shape)}: {err}") from err
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(f"loss_fn: must return a scalar tensor (the mean loss), returned {type(loss).__name__}")
+        if loss.numel() != 1 or loss.ndim != 0:
+            raise ValueError(f"loss_fn: must return a scalar (the mean loss over the batch), returned a "
+                             f"tensor of shape {tuple(loss.shape)}; reduce it with .mean()")
+        if not loss.is_floating_point():
+            raise ValueError(f"loss_fn: must return a floating-point scalar, got dtype {loss.dtype}")
+        with torch.no_grad():
+            again = self.loss_fn(functional_call(self.model, (self._params(self._x_model), self._consts), (xb,)), yb)
+        if not torch.equal(loss, again) and not (torch.isnan(loss) and torch.isnan(again)):
+            raise ValueError("model: two identical forward passes gave different losses "
+                             f"({float(loss)!r} vs {float(again)!r}); the step must be a deterministic "
+                             "function of (parameters, minibatch): switch off dropout or other randomness")
+        # one tangent push: forward-over-reverse must be supported by every op of model and loss
+        z = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+        z[:self.n_params] = self._x_model
+        if self.spec.kind == "adam":
+            z[2 * self.n_params:] = 1.0
+        try:
+            with warnings.catch_warnings():
+                # torch.func compiles a few forward-AD decompositions with torch.jit.script on first
+                # use and warns that torch.jit.script is deprecated: torch's internals, not the user's
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
+                self._advance(z, torch.ones((1, self.tangent_dim), device=self.device, dtype=self.dtype), xb, yb, 1.0)
+        except RuntimeError as err:
+            raise ValueError("loss_fn/model: the tangent map needs forward-mode AD through the gradient "
+                             f"(torch.func.jvp over torch.func.grad), which an operation here does not support: {err}") from err
+        self.n_jvp = 0
+
+    # -- the update ------------------------------------------------------------------------------
+    def _batch(self, idx):
+        if idx is None:
+            return self.inputs, self.targets
+        return self.inputs.index_select(0, idx), self.targets.index_select(0, idx)
+
+    def _grad(self, x, xb, yb):
+        """(gradient of L_B at x (+ L2 decay for Adam), loss)."""
+        g, loss = grad_and_value(self._loss)(x, xb, yb)
+        spec = self.spec
+        if spec.kind == "adam" and spec.weight_decay and not spec.decoupled:
+            g = torch.add(g, x, alpha=spec.weight_decay)
+        return g, loss
+
+    def _from_grad(self, z, g, t):
+        """The optimizer's update of the state z given the gradient g, op for op as torch.optim.
+
+        Scalar factors go through the ``.Scalar`` overloads (``_mul``, ``_div``, ``_adds``) or
+        ``alpha=``/``value=`` arguments: inside ``jvp`` a Python number multiplying a dual tensor
+        takes a slow path (an efficient-zero tangent whose shape is computed by a Python meta
+        function, about 0.3 ms per op), while these forms have plain formulas.
+        """
+        spec, d = self.spec, self.n_params
+        x = z[:d]
+        if spec.kind in ("gd", "sgd"):
+            return torch.add(x, g, alpha=-spec.lr)  # p.add_(grad, alpha=-lr)
+        if spec.kind == "momentum":
+            m = torch.add(_mul(z[d:], spec.beta), g)  # buf.mul_(momentum).add_(grad)
+            return torch.cat([torch.add(x, m, alpha=-spec.lr), m])
+        m, v = z[d:2 * d], z[2 * d:]
+        if spec.weight_decay and spec.decoupled:
+            x = _mul(x, 1.0 - spec.lr * spec.weight_decay)  # param.mul_(1 - lr * wd)
+        m = torch.lerp(m, g, 1.0 - spec.beta1)  # exp_avg.lerp_(grad, 1 - beta1)
+        v = torch.addcmul(_mul(v, spec.beta2), g, g, value=1.0 - spec.beta2)
+        bias_correction1 = 1.0 - spec.beta1 ** t
+        bias_correction2 = 1.0 - spec.beta2 ** t
+        step_size = spec.lr / bias_correction1
+        denom = _adds(_div(_safe_sqrt(v), bias_correction2 ** 0.5), spec.eps)
+        x = torch.add(x, torch.div(m, denom), alpha=-step_size)  # param.addcdiv_(m, denom, value=-step_size)
+        return torch.cat([x, m, v])
+
+    def _update(self, z, xb, yb, t):
+        """f(z, B, t) and the minibatch loss (as aux)."""
+        g, loss = self._grad(z[:self.n_params], xb, yb)
+        return self._from_grad(z, g, t), loss
+
+    def _push(self, fn, primal, Vt, yb):
+        """Batched forward-over-reverse products: (fn(primal), D fn(primal) v for each row v of Vt, aux).
+
+        ``fn(primal, targets) -> (out, aux)``. Floating targets enter the jvp as primals with
+        explicit zero tangents: losses such as ``F.mse_loss`` fail under forward-over-reverse when
+        the target has no tangent ("ZeroTensors are immutable"), and mixed dual/plain arithmetic
+        is slower than dual/dual. The rows of Vt are pushed in chunks of ``chunk_size``.
+        """
+        k = Vt.shape[0]
+        cs = self.chunk_size or k
+        dual_t = yb.is_floating_point()
+        ty = torch.zeros_like(yb) if dual_t else None
+
+        def push(v):
+            if dual_t:
+                return jvp(fn, (primal, yb), (v, ty), has_aux=True)
+            return jvp(lambda p: fn(p, yb), (primal,), (v,), has_aux=True)
+
+        outs = []
+        for s in range(0, k, cs):
+            out, tv, aux = vmap(push, out_dims=(None, 0, None))(Vt[s:s + cs])
+            outs.append(tv)
+        self.n_jvp += k
+        return out, (outs[0] if len(outs) == 1 else torch.cat(outs)), aux
+
+    def _advance(self, z, Vt, xb, yb, t):
+        """(f(z), Df(z) V, loss) for a (k, tangent_dim) block Vt of tangent vectors (rows)."""
+        if self.tangent_kind == "exact":
+            return self._push(lambda zz, yy: self._update(zz, xb, yy, t), z, Vt, yb)
+        spec, d = self.spec, self.n_params
+        g, HV, loss = self._push(lambda xx, yy: self._grad(xx, xb, yy), z[:d], Vt, yb)  # (H + l2 I) V
+        z_new = self._from_grad(z, g, t)
+        den = torch.sqrt(z_new[2 * d:] / (1.0 - spec.beta2 ** t)) + spec.eps
+        shrink = 1.0 - spec.lr * spec.weight_decay if spec.decoupled else 1.0
+        return z_new, shrink * Vt - spec.lr * (HV / den), loss
+
+    # -- the AbstractSystem interface ------------------------------------------------------------
+    @property
+    def tangent_dim(self) -> int:
+        return self._tangent_dim
+
+    def noise_sampler(self, rng):
+        """Same as the numba backend: minibatch indices, preceded by the step counter for Adam."""
+        batches = minibatch_sampler(self.spec, self.n_samples, rng)
+        if self.spec.kind != "adam":
+            return batches
+        count = [0]
+
+        def sample(n):
+            t = np.arange(count[0] + 1, count[0] + n + 1, dtype=np.float64)[:, None]
+            count[0] += n
+            return np.hstack([t, batches(n)])
+
+        return sample
+
+    def sample_noise(self, rng, n):
+        """The noise of the first n steps for a fresh generator (see :meth:`noise_sampler`)."""
+        return self.noise_sampler(rng)(n)
+
+    def _split_xi(self, xi):
+        """(batch indices on the device or None, t) from one host noise vector."""
+        if xi is None:
+            xi = np.empty(0)
+        xi = np.asarray(xi, dtype=np.float64).reshape(-1)
+        if xi.shape[0] != self.noise_dim:
+            raise ValueError(f"xi: expected length {self.noise_dim}, got {xi.shape[0]}")
+        t = 1.0
+        if self.spec.kind == "adam":
+            t, xi = float(xi[0]), xi[1:]
+            if not t >= 1:
+                raise ValueError(f"xi: Adam's step counter xi[0] must be >= 1, got {t}")
+        if self._b == 0:
+            return None, t
+        idx = xi.astype(np.int64)
+        if np.any(idx != xi) or idx.min() < 0 or idx.max() >= self.n_samples:
+            raise ValueError(f"xi: minibatch indices must be integers in [0, {self.n_samples})")
+        return torch.as_tensor(idx, device=self.device), t
+
+    def _state_tensor(self, x) -> torch.Tensor:
+        z = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64)).to(device=self.device, dtype=self.dtype)
+        if z.shape != (self.dim,):
+            raise ValueError(f"x: expected shape ({self.dim},), got {tuple(z.shape)}")
+        return z
+
+    def step(self, x, xi=None):
+        """f(x, xi) as a float64 numpy array (computed in the map's dtype on its device)."""
+        z = self._state_tensor(x)
+        idx, t = self._split_xi(xi)
+        xb, yb = self._batch(idx)
+        z_new, _ = self._update(z, xb, yb, t)
+        return z_new.detach().to(torch.float64).cpu().numpy()
+
+    def tangent(self, x, xi, V):
+        """Df(x, xi) @ V for a (tangent_dim, k) numpy block V; float64 numpy out."""
+        V = np.asarray(V, dtype=np.float64)
+        if V.ndim != 2 or V.shape[0] != self.tangent_dim:
+            raise ValueError(f"V: expected shape ({self.tangent_dim}, k), got {V.shape}")
+        z = self._state_tensor(x)
+        idx, t = self._split_xi(xi)
+        xb, yb = self._batch(idx)
+        Vt = torch.as_tensor(np.ascontiguousarray(V.T)).to(device=self.device, dtype=self.dtype)
+        _, TV, _ = self._advance(z, Vt, xb, yb, t)
+        return TV.detach().T.to(torch.float64).cpu().numpy()
+
+    def jacobian(self, x, xi=None):
+        return self.tangent(x, xi, np.eye(self.tangent_dim))
+
+    def initial_state(self, x0) -> np.ndarray:
+        """x0 None: the model's parameters (optimizer buffers zero); else parameters only or the full state."""
+        d = self.n_params
+        if x0 is None:
+            x = np.array(self._x_model.detach().to(torch.float64).cpu().numpy(), dtype=np.float64)  # a copy
+        else:
+            try:
+                if isinstance(x0, torch.Tensor):
+                    x0 = x0.detach().to(torch.float64).cpu().numpy()
+                x = np.array(x0, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError) as err:
+                raise TypeError("x0: expected an array of real numbers") from err
+        if x.shape[0] == d and self.dim != d:
+            x = np.concatenate([x, np.zeros(self.dim - d)])
+        if x.shape != (self.dim,):
+            raise ValueError(f"x0: expected the parameters, shape ({d},), or the full optimizer state, "
+                             f"shape ({self.dim},); got {np.shape(x0)}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("x0: must be finite")
+        if self.spec.kind == "adam" and np.any(x[2 * d:] < 0):
+            raise ValueError("x0: Adam's second-moment buffer v (last d entries) must be non-negative")
+        return np.ascontiguousarray(x)
+
+    @property
+    def x0(self) -> np.ndarray:
+        """The default initial state: the model's parameters at construction, buffers zero."""
+        return self.initial_state(None)
+
+    # -- losses and curvature at a state ---------------------------------------------------------
+    def loss(self, z=None, idx=None) -> float:
+        """The loss at state z (default: the model's parameters) on the samples idx (None: all)."""
+        zt = self._state_tensor(self.initial_state(z)) if not isinstance(z, torch.Tensor) else z
+        xb, yb = self._batch(None if idx is None else torch.as_tensor(np.asarray(idx, dtype=np.int64), device=self.device))
+        with torch.no_grad():
+            return float(self._loss(zt[:self.n_params], xb, yb))
+
+    def sharpness(self, z=None, *, n_iter: int = 20, seed: int = 0) -> float:
+        """lambda_max of the full-data Hessian at state z by Lanczos (``n_iter`` HVPs, full reorthogonalisation)."""
+        zt = self._state_tensor(self.initial_state(z)) if not isinstance(z, torch.Tensor) else z
+        x = zt[:self.n_params].detach()
+        xb, yb = self.inputs, self.targets
+
+        def gfn(xx, yy):
+            g, loss = grad_and_value(self._loss)(xx, xb, yy)
+            return g, loss
+
+        def hvp(v):
+            self.n_hvp += 1
+            n_jvp = self.n_jvp
+            out = self._push(gfn, x, v[None], yb)[1][0]
+            self.n_jvp = n_jvp
+            return out
+
+        return float(lanczos_top(hvp, self.n_params, n_iter, device=self.device, dtype=self.dtype, seed=seed)[0])
+
+    # -- records ---------------------------------------------------------------------------------
+    def _start_run(self, noise):
+        if noise is not self._run_noise:
+            self._run_noise = noise
+            self._run_step = 0
+            self.records = {}
+            for name in self._records_spec:
+                self.records[name] = []
+                self.records[name + "_steps"] = []
+
+    def _record(self, s, z, batch_loss=None):
+        for name, (every, fn, opts) in self._records_spec.items():
+            if s % every:
+                continue
+            if fn is not None:
+                val = fn(s, z.detach(), self)
+            elif name == "loss":
+                with torch.no_grad():
+                    val = float(self._loss(z[:self.n_params], self.inputs, self.targets))
+            elif name == "batch_loss":
+                if batch_loss is None:
+                    continue  # after the last step there is no minibatch
+                val = float(batch_loss)
+            elif name == "sharpness":
+                val = self.sharpness(z, **opts)
+            else:  # checkpoints
+                val = z[:self.n_params].detach().to(torch.float64).cpu().numpy().copy()
+            if val is None:
+                continue
+            steps = self.records[name + "_steps"]
+            if name == "batch_loss" or not steps or steps[-1] != s:
+                self.records[name].append(val)
+                steps.append(s)
+
+    def _trim_records(self, last_step):
+        for name in self._records_spec:
+            steps, vals = self.records[name + "_steps"], self.records[name]
+            while steps and steps[-1] > last_step:
+                steps.pop()
+                vals.pop()
+
+    # -- the QR loop on the device ---------------------------------------------------------------
+    def _run_phase(self, x, Q, noise, n_total, qr_every, accumulate, n_blocks, record_every, state,
+                   hist_count, bar):
+        """The loop of :func:`rdsim._lyapunov._run_python` with state and tangent block kept on the device.
+
+        Same algorithm, bookkeeping and return values; ``x``, ``Q`` and the numpy accumulators in
+        ``state`` are updated at the end. The state z stays in the map's dtype; the block Q and the
+        log accumulators are float64 tensors, QR by ``torch.linalg.qr`` in float64 on the device.
+        Divergence is tracked by device-side flags (a failed step freezes the state, the block and
+        the accumulators), looked at by the host every :data:`SYNC_EVERY` steps and at the end,
+        so the loop does not wait for the device at every step.
+        """
+        self._check_modes()
+        self._start_run(noise)
+        dev, f64 = self.device, torch.float64
+        rec = bool(self._records_spec)
+        has_batch_loss = "batch_loss" in self._records_spec
+        z = self._state_tensor(x).clone()
+        Qd = torch.as_tensor(np.ascontiguousarray(Q)).to(device=dev, dtype=f64).clone()
+        k = Qd.shape[1]
+        sums = torch.as_tensor(state["sums"]).to(dev).clone()
+        bsums = torch.as_tensor(state["block_sums"]).to(dev).clone()
+        hist_dev = torch.zeros((state["hist"].shape[0], k), dtype=f64, device=dev)
+        hist0 = hist_count
+        alive = torch.ones((), dtype=torch.bool, device=dev)
+        fail_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        fail_code = torch.zeros((), dtype=torch.int64, device=dev)
+        events = []  # host bookkeeping since the last sync: (g, kind, payload)
+        n_pending_hist = 0
+        committed_bsteps = state["block_steps"]
+        adam = self.spec.kind == "adam"
+        off = 1 if adam else 0
+        since_qr = 0
+        done = 0
+        last_sync = 0
+        status, fail_at = OK, -1
+        run_step0 = self._run_step
+
+        def reconcile(upto):
+            nonlocal hist_count, n_pending_hist
+            for g, kind, payload in events:
+                if g >= upto:
+                    continue
+                if kind == "bsteps":
+                    committed_bsteps[payload[0]] += payload[1]
+                elif kind == "hist":
+                    state["hist_steps"][hist_count] = payload
+                    hist_count += 1
+                elif kind == "qr":
+                    state["n_qr"] = state.get("n_qr", 0) + 1
+            events.clear()
+            n_pending_hist = 0
+
+        while done < n_total and status == OK:
+            n = min(NOISE_ROWS, n_total - done)
+            xi_host = noise.take(n)
+            t_host = xi_host[:, 0] if adam else None
+            idx_dev = None
+            if self._b:
+                idx_dev = torch.as_tensor(xi_host[:, off:].astype(np.int64)).to(dev)
+            for r in range(n):
+                g = done
+                xb, yb = self._batch(None if idx_dev is None else idx_dev[r])
+                t = float(t_host[r]) if adam else 1.0
+                Vt = Qd.T.to(self.dtype)
+                z_new, TV, loss = self._advance(z, Vt, xb, yb, t)
+                if rec:
+                    self._record(run_step0 + g, z, loss if has_batch_loss else None)
+                ok_state = torch.isfinite(z_new).all() & torch.isfinite(loss)
+                newly = alive & ~ok_state
+                fail_step = torch.where(newly, g, fail_step)
+                fail_code = torch.where(newly, STATE_NONFINITE, fail_code)
+                alive = alive_s = alive & ok_state
+                z = torch.where(alive_s, z_new.detach(), z)
+                V64 = TV.detach().T.to(f64)
+                since_qr += 1
+                done += 1
+                last = done == n_total
+                if since_qr == qr_every or last:
+                    finite_V = torch.isfinite(V64).all()
+                    q, rr = torch.linalg.qr(torch.where(alive_s & finite_V, V64, Qd))
+                    rd = rr.diagonal().abs()
+                    ok_t = finite_V & (rd > 0).all() & torch.isfinite(rd).all()
+                    newly = alive_s & ~ok_t
+                    fail_step = torch.where(newly, g, fail_step)
+                    fail_code = torch.where(newly, TANGENT_NONFINITE, fail_code)
+                    alive = alive_s & ok_t
+                    Qd = torch.where(alive, q, Qd)
+                    events.append((g, "qr", None))
+                    if accumulate:
+                        b = (g * n_blocks) // n_total
+                        lr = torch.where(alive, torch.log(rd), torch.zeros_like(rd))
+                        sums += lr
+                        bsums[b] += lr
+                        events.append((g, "bsteps", (b, since_qr)))
+                        if record_every > 0 and (done % record_every == 0 or last):
+                            slot = hist_count + n_pending_hist
+                            if slot < hist_dev.shape[0]:
+                                hist_dev[slot] = sums / done
+                                events.append((g, "hist", done))
+                                n_pending_hist += 1
+                    since_qr = 0
+                else:
+                    Qd = torch.where(alive_s, V64, Qd)
+                if done - last_sync >= SYNC_EVERY or last:
+                    if bar is not None:
+                        bar.update(done - last_sync)
+                    last_sync = done
+                    if not bool(alive):
+                        status, fail_at = int(fail_code), int(fail_step)
+                        reconcile(fail_at)
+                        break
+                    reconcile(n_total + 1)
+        if status == OK and rec and accumulate:
+            self._record(run_step0 + n_total, z)
+        if status != OK:
+            self._trim_records(run_step0 + fail_at)
+        self._run_step = run_step0 + (n_total if status == OK else fail_at)
+        x[:] = z.to(f64).cpu().numpy()
+        Q[:, :] = Qd.cpu().numpy()
+        state["sums"][:] = sums.cpu().numpy()
+        state["block_sums"][:, :] = bsums.cpu().numpy()
+        if hist_count > hist0:
+            state["hist"][hist0:hist_count] = hist_dev[hist0:hist_count].cpu().numpy()
+        return status, fail_at, hist_count
