@@ -112,9 +112,11 @@ class DiagonalLinearNetwork(nn.Module):
 
     def beta(self) -> torch.Tensor:
         """The linear predictor β = w_1 ⊙ … ⊙ w_depth, shape (p,) (differentiable)."""
+        # index one by one: slicing a ParameterList re-wraps the tensors that
+        # torch.func.functional_call swapped in as new Parameters, cutting them from the graph
         b = self.w[0]
-        for w in self.w[1:]:
-            b = b * w
+        for i in range(1, len(self.w)):
+            b = b * self.w[i]
         return b
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:

@@ -538,3 +538,26 @@ def test_split_container():
     assert moved.train[0].dtype == F64 and moved.train[1].dtype == torch.int64
     assert torch.equal(moved.train[0], X.double()) and moved.info is split.info
     assert "Split(train=[(15, 10) float32, (15,) int64]" in repr(split)
+
+
+def test_dln_gradient_under_functional_call():
+    """Regression: the gradient of every layer survives torch.func.functional_call."""
+    import torch
+
+    from models import DiagonalLinearNetwork
+
+    net = DiagonalLinearNetwork(3, depth=3, init="gaussian", seed=1, dtype=torch.float64)
+    X = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p):
+        return 0.5 * ((torch.func.functional_call(net, (p,), (X,)) - y) ** 2).mean()
+
+    g = torch.func.grad(loss)(params)
+    w = [params[f"w.{i}"] for i in range(3)]
+    r = X @ (w[0] * w[1] * w[2]) - y
+    gb = X.T @ r / 5
+    for i in range(3):
+        others = [w[j] for j in range(3) if j != i]
+        torch.testing.assert_close(g[f"w.{i}"], gb * others[0] * others[1], rtol=1e-12, atol=1e-12)
