@@ -1,8 +1,11 @@
 """Allocation-free dense kernels used inside the numba engine (private).
 
-Small blocks (dimension <= ``SMALL_DIM_MAX``) get kernels specialised on their sizes: the sizes
-are closure constants, so LLVM unrolls the short loops (a 2 x 2 Gram-Schmidt compiles to straight
-scalar code). Larger blocks call BLAS/LAPACK through numpy.
+Small blocks get QR kernels specialised on their sizes (:func:`make_orthonormalize`): up to
+``SCALAR_QR_MAX_SIZE`` entries the whole block is held in local scalars (generated straight-line
+code, so a 2 x 2 Gram-Schmidt is a dozen register operations); up to ``SMALL_DIM_MAX`` rows the
+sizes are closure constants, so LLVM unrolls the short loops. Every variant runs the same modified
+Gram-Schmidt with the same operation order, so they agree to the last bit. Larger blocks use the
+generic kernels (LAPACK above ``QR_MGS_MAX_DIM``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,14 @@ import numba as nb
 import numpy as np
 
 from ._config import NUMBA_OPTIONS, QR_MGS_MAX_DIM, SMALL_DIM_MAX
+
+#: Re-orthogonalise a column once when Gram-Schmidt left less than this fraction of its squared
+#: norm (Kahan/Parlett "twice is enough": ||after|| < ||before|| / sqrt(2)); the block is then
+#: orthogonal to machine precision.
+REORTH_FRACTION: float = 0.5
+
+#: Largest block (d * k entries) whose QR keeps the block in local scalars (generated code).
+SCALAR_QR_MAX_SIZE: int = 16
 
 
 @nb.njit(**NUMBA_OPTIONS)
@@ -30,25 +41,6 @@ def matmul_into(A, B, out):
             a = A[i, p]
             for j in range(k):
                 out[i, j] += a * B[p, j]
-
-
-@functools.lru_cache(maxsize=None)
-def make_matmul(d: int):
-    """out <- A @ B for a square (d, d) A and a (d, k) block B, with d a compile-time constant."""
-    if d > SMALL_DIM_MAX:
-        return matmul_into
-
-    @nb.njit(**NUMBA_OPTIONS)
-    def matmul_d(A, B, out):
-        k = B.shape[1]
-        for j in range(k):
-            for i in range(d):
-                s = 0.0
-                for p in range(d):
-                    s += A[i, p] * B[p, j]
-                out[i, j] = s
-
-    return matmul_d
 
 
 @nb.njit(**NUMBA_OPTIONS)
@@ -82,7 +74,7 @@ def _mgs_source():
                     nrm = 0.0
                     for p in range(d):
                         nrm += M[p, j] * M[p, j]
-                    if nrm > 1e-2 * nrm0:
+                    if nrm > REORTH_FRACTION * nrm0:
                         break
                     nrm0 = nrm
             nrm = np.sqrt(nrm)
@@ -113,9 +105,61 @@ def orthonormalize(M, rdiag):
         _mgs(M, rdiag, d, k)
 
 
+def _scalar_mgs_source(d: int, k: int) -> str:
+    """Source of ``ortho(M, rdiag)`` for a (d, k) block held in local scalars.
+
+    The same modified Gram-Schmidt as :func:`orthonormalize`, operation for operation (sums
+    accumulate left to right, the re-orthogonalisation test is the same), unrolled by hand so
+    the block lives in registers instead of being stored and reloaded between the passes.
+    """
+    lines = ["def ortho(M, rdiag):"]
+    emit = lines.append
+    for p in range(d):
+        for j in range(k):
+            emit(f"    m_{p}_{j} = M[{p}, {j}]")
+
+    def sq(j):
+        return " + ".join(f"m_{p}_{j} * m_{p}_{j}" for p in range(d))
+
+    def sweep(j, indent):
+        for i in range(j):
+            emit(indent + "dot = " + " + ".join(f"m_{p}_{i} * m_{p}_{j}" for p in range(d)))
+            for p in range(d):
+                emit(indent + f"m_{p}_{j} -= dot * m_{p}_{i}")
+        emit(indent + f"nrm = {sq(j)}")
+
+    for j in range(k):
+        emit(f"    nrm0 = {sq(j)}")
+        if j == 0:
+            emit("    nrm = nrm0")
+        else:
+            sweep(j, "    ")
+            emit(f"    if not (nrm > {REORTH_FRACTION!r} * nrm0):")
+            sweep(j, "        ")
+        emit("    nrm = np.sqrt(nrm)")
+        emit(f"    rdiag[{j}] = nrm")
+        emit("    if nrm > 0.0:")
+        emit("        inv = 1.0 / nrm")
+        for p in range(d):
+            emit(f"        m_{p}_{j} *= inv")
+    for p in range(d):
+        for j in range(k):
+            emit(f"    M[{p}, {j}] = m_{p}_{j}")
+    return "\n".join(lines) + "\n"
+
+
 @functools.lru_cache(maxsize=None)
 def make_orthonormalize(d: int, k: int):
-    """:func:`orthonormalize` specialised on the block size (d, k) (sizes are constants)."""
+    """:func:`orthonormalize` specialised on the block size (d, k).
+
+    Blocks of at most ``SCALAR_QR_MAX_SIZE`` entries get generated straight-line code (the block
+    in local scalars); blocks with at most ``SMALL_DIM_MAX`` rows get the loop version with the
+    sizes as compile-time constants; larger ones the generic kernel. All give identical results.
+    """
+    if d * k <= SCALAR_QR_MAX_SIZE:
+        namespace = {"np": np}
+        exec(compile(_scalar_mgs_source(d, k), f"<rdsim orthonormalize {d}x{k}>", "exec"), namespace)
+        return nb.njit(inline="always", **NUMBA_OPTIONS)(namespace["ortho"])
     if d > SMALL_DIM_MAX:
         return orthonormalize
     mgs = _mgs_inline

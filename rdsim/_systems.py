@@ -20,7 +20,7 @@ import numba as nb
 import numpy as np
 
 from ._config import NOISE_CHUNK, NUMBA_OPTIONS
-from ._linalg import make_matmul, matmul_into
+from ._linalg import matmul_into
 
 __all__ = ["AbstractSystem", "AbstractNumbaSystem", "Map", "Flow", "NoiseStream"]
 
@@ -206,22 +206,47 @@ def _n_params(fn) -> int:
         return 3
 
 
-def _make_map_advance(step_j, jac_j, d, step_inplace, jac_inplace):
-    matmul = make_matmul(d)
+def _call_inplace(fn, argname: str, *args):
+    """Probe call of an in-place user function, compiled once more with bounds checking.
 
-    @nb.njit(**NUMBA_OPTIONS)
-    def advance(x, kp, xi, V, x_out, V_out, work, wv):
-        params = kp[0]
+    The fast kernels run without bounds checks, so a wrong ``dim`` would silently write past
+    ``out``; this one call turns that into a ValueError at construction.
+    """
+    py = getattr(fn, "py_func", None)
+    checked = nb.njit(boundscheck=True, **NUMBA_OPTIONS)(py) if py is not None else fn
+    try:
+        _call_compiled(checked, argname, *args)
+    except IndexError as err:
+        out = args[-1]
+        raise ValueError(f"{argname}: the in-place form writes outside out (shape {out.shape}): {err}") from None
+
+
+def _make_map_advance(step_j, jac_j, d, step_inplace, jac_inplace):
+    # inline="always": the engine inlines this kernel into its loop (numba IR inlining), so an
+    # in-place user map costs no call, allocation or reference count per step
+    @nb.njit(inline="always", **NUMBA_OPTIONS)
+    def advance(x, params, xi, V, x_out, V_out, work, wv):
         if jac_inplace:
-            J = kp[1]
+            J = wv  # (d, d) scratch (the map asks for n_wv = d rows), zero-filled on entry
+            for i in range(d):
+                for p in range(d):
+                    J[i, p] = 0.0
             jac_j(x, params, xi, J)
         else:
             J = jac_j(x, params, xi)
         if step_inplace:
             step_j(x, params, xi, x_out)
         else:
-            x_out[:] = step_j(x, params, xi)
-        matmul(J, V, V_out)
+            y = step_j(x, params, xi)
+            for i in range(d):
+                x_out[i] = y[i]
+        # V_out <- J @ V, d a compile-time constant (sums left to right, as matmul_into)
+        for j in range(V.shape[1]):
+            for i in range(d):
+                s = 0.0
+                for p in range(d):
+                    s += J[i, p] * V[p, j]
+                V_out[i, j] = s
 
     return advance
 
@@ -229,12 +254,26 @@ def _make_map_advance(step_j, jac_j, d, step_inplace, jac_inplace):
 class Map(AbstractNumbaSystem):
     """A (random) map x_{t+1} = step(x_t, params, xi_t) defined by plain numba-compilable functions.
 
+    Each function comes in one of two forms, told apart by its number of parameters:
+
+    * returning (3 parameters): ``step(x, params, xi) -> x_next`` (shape (dim,)) and
+      ``jacobian(x, params, xi) -> (dim, dim)``;
+    * in place (4 parameters), the fast path: ``step(x, params, xi, out)`` writes x_next into
+      ``out`` (dim,), and ``jacobian(x, params, xi, out)`` writes the Jacobian into ``out``
+      (dim, dim), which is zero-filled on entry, so entries that are always zero can be left
+      alone. Nothing is returned; ``out`` never aliases ``x``. These allocate nothing per step,
+      and the engine inlines them into its loop: on a 2-d map a step costs about as much as a
+      hand-written numba loop (see ``benchmarks/bench_engine.py``), while a returning jacobian
+      pays one heap allocation per step (several for ``np.array`` of a nested *list*; build it
+      from tuples, ``np.array(((a, b), (c, d)))``, if you keep the returning form).
+
+    The two forms can be mixed (e.g. an in-place jacobian with a returning step).
+
     Args:
-        step: ``step(x, params, xi) -> x_next`` with x of shape (dim,). The in-place form
-            ``step(x, params, xi, out)`` (four parameters: write x_next into ``out``) is also
-            accepted and is the fast path: it allocates nothing per step.
-        jacobian: ``jacobian(x, params, xi) -> (dim, dim)``, the derivative of ``step`` in x; or
-            in place, ``jacobian(x, params, xi, out)`` writing into a (dim, dim) ``out``.
+        step: ``step(x, params, xi) -> x_next`` or ``step(x, params, xi, out)`` (see above),
+            x of shape (dim,).
+        jacobian: ``jacobian(x, params, xi) -> (dim, dim)`` or ``jacobian(x, params, xi, out)``,
+            the derivative of ``step`` in x.
         dim: state dimension.
         params: tuple of floats and/or arrays passed to both functions unchanged.
         noise: None (deterministic; ``xi`` has length 0) or ``noise(rng, n) -> (n, m)``, the noise of
@@ -247,7 +286,8 @@ class Map(AbstractNumbaSystem):
 
     Raises:
         TypeError: a function numba cannot compile (with numba's message), params not a tuple.
-        ValueError: dim not a positive integer, functions returning the wrong shape.
+        ValueError: dim not a positive integer, functions returning the wrong shape, an in-place
+            function writing outside ``out`` or (step) leaving part of it unwritten.
 
     Example:
         >>> import numpy as np, rdsim
@@ -256,6 +296,20 @@ class Map(AbstractNumbaSystem):
         >>> henon = rdsim.Map(step, jac, 2, params=(1.4, 0.3))
         >>> res = rdsim.lyapunov_spectrum(henon, [0.1, 0.1], 20_000, transient=1000)
         >>> bool(abs(res.exponents.sum() - np.log(0.3)) < 1e-10)
+        True
+
+        The same map in place (the fast path):
+
+        >>> def step_(x, p, xi, out):
+        ...     out[0] = 1.0 - p[0] * x[0] ** 2 + x[1]
+        ...     out[1] = p[1] * x[0]
+        >>> def jac_(x, p, xi, out):
+        ...     out[0, 0] = -2.0 * p[0] * x[0]
+        ...     out[0, 1] = 1.0
+        ...     out[1, 0] = p[1]
+        >>> henon_ = rdsim.Map(step_, jac_, 2, params=(1.4, 0.3))
+        >>> res_ = rdsim.lyapunov_spectrum(henon_, [0.1, 0.1], 20_000, transient=1000)
+        >>> bool(np.array_equal(res_.exponents, res.exponents))
         True
     """
 
@@ -277,20 +331,27 @@ class Map(AbstractNumbaSystem):
             self.sample_noise(np.random.default_rng(0), 1)[0])
         self._step_inplace = _n_params(step) == 4
         self._jac_inplace = _n_params(jacobian) == 4
-        self._Jbuf = np.zeros((self.dim, self.dim))
         if self._step_inplace:
             out = np.full(self.dim, np.nan)
-            _call_compiled(self._step_fn, "step", x, self.params, xi, out)
+            _call_inplace(self._step_fn, "step", x, self.params, xi, out)
+            if np.isnan(out).any():
+                raise ValueError(f"step: the in-place form step(x, params, xi, out) must write all {self.dim} "
+                                 f"entries of out; entries {np.flatnonzero(np.isnan(out)).tolist()} were not written")
         else:
             out = np.asarray(_call_compiled(self._step_fn, "step", x, self.params, xi))
         if out.shape != (self.dim,):
             raise ValueError(f"step: must return an array of shape ({self.dim},), returned shape {out.shape}")
-        J = self._call_jac(x, xi, "jacobian")
+        if self._jac_inplace:
+            J = np.zeros((self.dim, self.dim))
+            _call_inplace(self._jac_fn, "jacobian", x, self.params, xi, J)
+        else:
+            J = np.asarray(_call_compiled(self._jac_fn, "jacobian", x, self.params, xi))
         if J.shape != (self.dim, self.dim):
             raise ValueError(f"jacobian: must return an array of shape ({self.dim}, {self.dim}), returned shape {J.shape}")
         self._advance = _make_map_advance(self._step_fn, self._jac_fn, self.dim, self._step_inplace,
                                           self._jac_inplace)
-        self._kernel_params = (self.params, self._Jbuf)
+        self._kernel_params = self.params
+        self._n_wv = self.dim
         if x0 is not None:
             self.x0 = self.initial_state(x0)
 
@@ -302,20 +363,14 @@ class Map(AbstractNumbaSystem):
             raise ValueError(f"noise: noise(rng, {n}) returned shape {out.shape}, expected ({n}, {self.noise_dim})")
         return out
 
-    def _call_jac(self, x, xi, argname=None):
+    def jacobian(self, x, xi=None):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        xi = self._xi(xi)
         if self._jac_inplace:
             J = np.zeros((self.dim, self.dim))
-            if argname:
-                _call_compiled(self._jac_fn, argname, x, self.params, xi, J)
-            else:
-                self._jac_fn(x, self.params, xi, J)
+            self._jac_fn(x, self.params, xi, J)
             return J
-        if argname:
-            return np.asarray(_call_compiled(self._jac_fn, argname, x, self.params, xi))
         return np.asarray(self._jac_fn(x, self.params, xi))
-
-    def jacobian(self, x, xi=None):
-        return self._call_jac(np.ascontiguousarray(x, dtype=np.float64), self._xi(xi))
 
 
 # ---------------------------------------------------------------------------------------------
