@@ -21,7 +21,7 @@ import numpy as np
 from ._config import NUMBA_OPTIONS
 from ._systems import AbstractNumbaSystem
 from .losses import ToyLoss
-from .optim import OptimizerSpec, minibatch_sampler
+from .optim import OptimizerSpec, noise_sampler
 
 __all__ = ["OptimizerMap", "optimizer_map"]
 
@@ -182,17 +182,7 @@ class OptimizerMap(AbstractNumbaSystem):
 
     # noise: [t] (Adam) + minibatch indices ------------------------------------------------------
     def noise_sampler(self, rng):
-        batches = minibatch_sampler(self.spec, self.loss.n, rng)
-        if self.spec.kind != "adam":
-            return batches
-        count = [0]
-
-        def sample(n):
-            t = np.arange(count[0] + 1, count[0] + n + 1, dtype=np.float64)[:, None]
-            count[0] += n
-            return np.hstack([t, batches(n)])
-
-        return sample
+        return noise_sampler(self.spec, self.loss.n, rng)
 
     def sample_noise(self, rng, n):
         """The noise of the first n steps for a fresh generator (see :meth:`noise_sampler`)."""

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-__all__ = ["OptimizerSpec", "gd", "sgd", "momentum", "adam", "minibatch_sampler"]
+__all__ = ["OptimizerSpec", "gd", "sgd", "momentum", "adam", "minibatch_sampler", "noise_sampler"]
 
 SAMPLINGS = ("iid", "epoch")
 
@@ -205,3 +205,23 @@ class minibatch_sampler:  # noqa: N801 - used like a function
             out[t] = np.sort(self._perm[self._pos * b:(self._pos + 1) * b])
             self._pos += 1
         return out
+
+
+def noise_sampler(spec: OptimizerSpec, n: int, rng: np.random.Generator):
+    """The noise sequence of an optimizer map (both backends): ``sampler(n_steps) -> (n_steps, m)``.
+
+    Each row is the minibatch of one step (:class:`minibatch_sampler`), preceded for Adam by the
+    step counter t = 1, 2, ... (its bias correction makes the map non-autonomous; carrying t in
+    the driving sequence keeps it an RDS). Full-batch GD/momentum have m = 0.
+    """
+    batches = minibatch_sampler(spec, n, rng)
+    if spec.kind != "adam":
+        return batches
+    count = [0]
+
+    def sample(n_steps):
+        t = np.arange(count[0] + 1, count[0] + n_steps + 1, dtype=np.float64)[:, None]
+        count[0] += n_steps
+        return np.hstack([t, batches(n_steps)])
+
+    return sample

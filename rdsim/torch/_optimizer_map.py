@@ -19,7 +19,7 @@ from torch.func import functional_call, grad_and_value, jvp, vmap
 
 from .._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE
 from .._systems import AbstractSystem
-from ..optim import OptimizerSpec, minibatch_sampler
+from ..optim import OptimizerSpec, noise_sampler
 from ._lanczos import lanczos_top
 
 __all__ = ["OptimizerMap"]
@@ -461,17 +461,7 @@ class OptimizerMap(AbstractSystem):
 
     def noise_sampler(self, rng):
         """Same as the numba backend: minibatch indices, preceded by the step counter for Adam."""
-        batches = minibatch_sampler(self.spec, self.n_samples, rng)
-        if self.spec.kind != "adam":
-            return batches
-        count = [0]
-
-        def sample(n):
-            t = np.arange(count[0] + 1, count[0] + n + 1, dtype=np.float64)[:, None]
-            count[0] += n
-            return np.hstack([t, batches(n)])
-
-        return sample
+        return noise_sampler(self.spec, self.n_samples, rng)
 
     def sample_noise(self, rng, n):
         """The noise of the first n steps for a fresh generator (see :meth:`noise_sampler`)."""
