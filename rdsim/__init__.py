@@ -6,6 +6,7 @@ on a numba backend for toy systems and a torch backend for neural networks.
 
 from ._dimension import Dimension, kaplan_yorke_dimension, sharpness_dimension
 from ._lyapunov import LyapunovResult, lyapunov_spectrum
+from ._ladder import LadderResult, dimension_ladder, rds_sharpness
 from ._systems import AbstractNumbaSystem, AbstractSystem, Flow, Map
 from ._optimizer_map import OptimizerMap, optimizer_map
 from . import losses, optim, systems, testing
@@ -17,14 +18,17 @@ __all__ = [
     "AbstractSystem",
     "Dimension",
     "Flow",
+    "LadderResult",
     "LyapunovResult",
     "Map",
     "OptimizerMap",
+    "dimension_ladder",
     "kaplan_yorke_dimension",
     "losses",
     "lyapunov_spectrum",
     "optim",
     "optimizer_map",
+    "rds_sharpness",
     "sharpness_dimension",
     "systems",
     "testing",
