@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from ._dimension import weighted_kaplan_yorke
-from ._lyapunov import _seeds
+from ._lyapunov import _check_int, _seeds
 from ._systems import AbstractSystem, NoiseStream
 
 __all__ = ["LadderResult", "dimension_ladder", "rds_sharpness", "log_singular_values_of_product"]
@@ -32,14 +32,6 @@ __all__ = ["LadderResult", "dimension_ladder", "rds_sharpness", "log_singular_va
 def _check_system(system):
     if not isinstance(system, AbstractSystem):
         raise TypeError(f"system: expected an rdsim system (Map, Flow, optimizer map, ...), got {type(system).__name__}")
-
-
-def _check_int(value, argname, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{argname}: expected an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{argname}: expected an integer >= {minimum}, got {value}")
-    return int(value)
 
 
 def _log_abs(a):
