@@ -7,6 +7,7 @@ on a numba backend for toy systems and a torch backend for neural networks.
 from ._dimension import Dimension, kaplan_yorke_dimension, sharpness_dimension
 from ._lyapunov import LyapunovResult, lyapunov_spectrum
 from ._ladder import LadderResult, dimension_ladder, rds_sharpness
+from ._sharpness import SharpnessResult, loss_sharpness_dimension
 from ._systems import AbstractNumbaSystem, AbstractSystem, Flow, Map
 from ._optimizer_map import OptimizerMap, optimizer_map
 from . import losses, optim, systems, testing
@@ -22,8 +23,10 @@ __all__ = [
     "LyapunovResult",
     "Map",
     "OptimizerMap",
+    "SharpnessResult",
     "dimension_ladder",
     "kaplan_yorke_dimension",
+    "loss_sharpness_dimension",
     "losses",
     "lyapunov_spectrum",
     "optim",

@@ -1,0 +1,263 @@
+"""The sharpness dimension (MATH.md §4): the formula, every estimator, both backends, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rdsim
+import rdsim.torch as rt
+from models import MLP, DiagonalLinearNetwork, sparse_regression
+from rdsim._dimension import weighted_kaplan_yorke
+from rdsim._sharpness import _minibatches, pseudo_spectrum
+
+F = nn.functional
+
+
+def _mse_half(out, target):
+    return 0.5 * ((out - target) ** 2).mean()
+
+
+# --- the formula ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lambdas, expected", [
+    ([0.5, -0.1, -1.0], 2.4),            # S_2 = 0.4, 2 + 0.4 / 1
+    ([1.0, -1.0, -1.0], 2.0),            # a sum of exactly zero counts
+    ([1.0, 1.0, 1.0], 3.0),              # all expanding: the full dimension
+    ([-1.0, -2.0], 0.0),                 # all contracting
+    ([0.0, 0.0, -1.0], 2.0),             # neutral directions count
+    ([0.3, -np.inf], 1.0),               # a singular direction: S_1 / inf = 0
+    ([-0.2, 0.5, -0.4], 2.75),           # unsorted input is sorted: 0.5 - 0.2 = 0.3, 2 + 0.3/0.4 = 2.75
+])
+def test_formula_hand_worked(lambdas, expected):
+    assert float(rdsim.sharpness_dimension(lambdas)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_weighted_formula_of_the_pseudo_spectrum():
+    from rdsim._dimension import weighted_kaplan_yorke
+
+    # D = sum_{r<=j} w_r + (sum_{r<=j} w_r z_r) / |z_{j+1}|: values (0.2, -0.1, -1) with weights (3, 2, 5):
+    # S_1 = 0.6, S_2 = 0.4, S_3 = -4.6 -> j = 2, D = 5 + 0.4 / 1 = 5.4
+    assert float(weighted_kaplan_yorke([0.2, -0.1, -1.0], [3.0, 2.0, 5.0])) == pytest.approx(5.4)
+    # equal-mass weights N/M reproduce the unweighted formula scaled by N/M on repeated values
+    z = np.array([0.5, -0.1, -1.0])
+    assert float(weighted_kaplan_yorke(z, np.full(3, 4.0))) == pytest.approx(4 * float(rdsim.sharpness_dimension(z)))
+
+
+# --- GD on a quadratic: RDS sharpness = sorted log|1 - eta alpha| = the Lyapunov spectrum ----------
+
+@pytest.fixture(scope="module")
+def linear_regression():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(40, generator=g, dtype=torch.float64)
+    alpha = np.linalg.eigvalsh((X.T @ X / 40).numpy())  # Hessian of (1/2n)||Xw - y||^2
+    return X, y, alpha
+
+
+def _linear_model():
+    m = nn.Linear(5, 1, bias=False).double()
+    with torch.no_grad():
+        m.weight.fill_(0.1)
+    return m
+
+
+def test_gd_on_quadratic_torch_exact(linear_regression):
+    X, y, alpha = linear_regression
+    lr = 1.9 / alpha.max() * 1.3  # above 2/lambda_max for the top direction only
+    exact = np.sort(np.log(np.abs(1 - lr * alpha)))[::-1]
+    loss = lambda out, t: _mse_half(out.squeeze(-1), t)  # noqa: E731
+    res = rt.sharpness_dimension(_linear_model(), loss, (X, y), lr=lr, batch_size=40)
+    np.testing.assert_allclose(res.lambdas, exact, rtol=1e-10, atol=1e-12)
+    assert res.n_batches == 1 and res.rds_sharpness == pytest.approx(exact[0])
+    assert res.lambda_max == pytest.approx(alpha.max(), rel=1e-8)
+    assert res.trace == pytest.approx(alpha.sum(), rel=1e-10)
+    assert 0 < float(res.value) < 5
+    # SD = Kaplan-Yorke dimension of the QR Lyapunov spectrum of GD. Df = I - lr H is constant, so
+    # with the start block in its eigenbasis (ordered by |1 - lr alpha|) every R is diagonal and
+    # the QR exponents are exact after any number of steps (GD itself diverges along the top
+    # direction, so the run is kept short).
+    H = (X.T @ X / 40).numpy()
+    a, U = np.linalg.eigh(H)
+    Q0 = U[:, np.argsort(-np.abs(1 - lr * a))]
+    gd = rt.OptimizerMap(_linear_model(), loss, (X, y), rdsim.optim.gd(lr), dtype=torch.float64)
+    ly = rdsim.lyapunov_spectrum(gd, None, 50, seed=0, Q0=Q0)
+    np.testing.assert_allclose(ly.exponents, exact, rtol=1e-9, atol=1e-12)
+    assert float(res.value) == pytest.approx(float(ly.dimension), abs=1e-9)
+
+
+def test_gd_on_quadratic_numba_exact():
+    A = np.diag([5.0, 3.0, 1.0, 0.5])
+    loss = rdsim.losses.quadratic(A)
+    lr = 0.5
+    res = rdsim.loss_sharpness_dimension(loss, np.ones(4), lr=lr)
+    exact = np.sort(np.log(np.abs(1 - lr * np.diag(A))))[::-1]
+    np.testing.assert_allclose(res.lambdas, exact, rtol=1e-12)
+    gd = rdsim.optimizer_map(loss, rdsim.optim.gd(lr))
+    Q0 = np.eye(4)[:, np.argsort(-np.abs(1 - lr * np.diag(A)))]
+    ly = rdsim.lyapunov_spectrum(gd, np.ones(4), 100, seed=0, Q0=Q0)
+    np.testing.assert_allclose(ly.exponents, exact, rtol=1e-12)
+    assert float(res.value) == pytest.approx(float(ly.dimension), abs=1e-12)
+    np.testing.assert_allclose(rdsim.rds_sharpness(gd, np.ones((1, 4))), exact, rtol=1e-12)
+
+
+# --- the exact method with minibatches -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(48, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (48,), generator=g)
+    model = MLP(5, 3, width=6, depth=2, seed=1).double()
+    return model, X, y
+
+
+def test_exact_is_the_indexwise_mean_over_minibatches(mlp_problem):
+    model, X, y = mlp_problem
+    lr, bs, K = 3.0, 12, 5
+    res = rt.sharpness_dimension(model, F.cross_entropy, (X, y), lr=lr, batch_size=bs, n_batches=K, seed=3)
+    Z = []
+    for idx in _minibatches(48, bs, K, 3):
+        H = rt.dense_hessian(model, F.cross_entropy, (X[idx], y[idx])).numpy()
+        Z.append(np.sort(np.log(np.abs(1 - lr * np.linalg.eigvalsh(H))))[::-1])
+    lam = np.mean(Z, axis=0)
+    np.testing.assert_allclose(res.lambdas, lam, atol=1e-10)
+    assert float(res.value) == pytest.approx(float(rdsim.sharpness_dimension(lam)), abs=1e-9)
+    assert np.isfinite(res.stderr) and res.stderr > 0
+    assert res.eigenvalues.shape == (K, res.n_params)
+    full = np.linalg.eigvalsh(rt.dense_hessian(model, F.cross_entropy, (X, y)).numpy())
+    assert res.lambda_max == pytest.approx(full[-1], rel=1e-6)
+
+
+def test_range_finder_route_equals_dense_route(mlp_problem):
+    model, X, y = mlp_problem
+    kw = dict(lr=3.0, batch_size=4, n_batches=3, seed=0, baselines=False)
+    dense = rt.sharpness_dimension(model, F.cross_entropy, (X, y), **kw)
+    rf = rt.sharpness_dimension(model, F.cross_entropy, (X, y), dense_max=8, **kw)
+    np.testing.assert_allclose(rf.eigenvalues, dense.eigenvalues, atol=1e-10)
+    assert float(rf.value) == pytest.approx(float(dense.value), abs=1e-8)
+    # 4 samples: the minibatch Hessian is far from full rank, and small blocks find its range
+    # with fewer products than the dimension
+    op = rt.HessianOperator(model, F.cross_entropy, (X[:4], y[:4]))
+    ev = rt.minibatch_hessian_eigenvalues(op, dense_max=8, block=6)
+    np.testing.assert_allclose(ev, np.linalg.eigvalsh(op.dense().numpy()), atol=1e-10)
+    assert op.n_hvp - op.n_params < op.n_params  # (the dense check above cost n_params products)
+
+
+# --- SLQ, KDE and PS ---------------------------------------------------------------------------
+
+def test_slq_estimators_integrate_to_n_and_converge_to_exact():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,), generator=g)
+    model = MLP(4, 3, width=5, depth=2, seed=2).double()
+    n = sum(p.numel() for p in model.parameters())
+    lr = 3.0
+    ex = rt.sharpness_dimension(model, F.cross_entropy, (X, y), lr=lr, batch_size=32)
+    exact = float(ex.value)
+    assert 0 < exact < n and ex.lambdas[0] > 0
+
+    # one lockstep SLQ call with 6 * 4 + 3 * 128 runs (one Rademacher start each), then disjoint
+    # groups of runs as independent estimates: a seeded budget of R = 4 (6 groups) vs R = 128 (3 groups)
+    r = rt.sharpness_dimension(model, F.cross_entropy, (X, y), lr=lr, batch_size=32, method="slq",
+                               n_batches=6 * 4 + 3 * 128, n_iter=n, seed=0, baselines=False)
+    a, w = r.density.pooled()
+    assert w.sum() == pytest.approx(n, rel=1e-12)  # the density integrates to the parameter count
+    assert r.weights.sum() == pytest.approx(n, rel=1e-12)
+    nodes, weights = r.density.nodes, r.density.weights
+
+    def errs(rows):
+        keep = weights[rows] > 0
+        a, w = nodes[rows][keep], weights[rows][keep] * (n / len(rows))
+        out = {}
+        for method in ("slq", "kde", "ps"):
+            v, m, _ = pseudo_spectrum(a, w, lr, method)
+            assert m.sum() == pytest.approx(n, rel=1e-9)
+            out[method] = abs(float(weighted_kaplan_yorke(v, m)) - exact)
+        return out
+
+    small = [errs(np.arange(4 * i, 4 * i + 4)) for i in range(6)]
+    large = [errs(np.arange(24 + 128 * i, 24 + 128 * (i + 1))) for i in range(3)]
+    # the Monte Carlo error of the masses falls like R^(-1/2): 32x the runs, about 5.7x smaller
+    for method in ("slq", "kde", "ps"):
+        e_small = np.mean([e[method] for e in small])
+        e_large = np.mean([e[method] for e in large])
+        assert e_large < 0.5 * e_small, (method, e_small, e_large)
+        assert e_large < 0.03 * n, (method, e_large)
+    # the estimator on the first 4 runs is what sharpness_dimension returns with n_batches=4
+    r4 = rt.sharpness_dimension(model, F.cross_entropy, (X, y), lr=lr, batch_size=32, method="slq",
+                                n_batches=4, n_iter=n, seed=0, baselines=False)
+    np.testing.assert_allclose(r4.density.nodes, nodes[:4], atol=1e-9)
+
+
+def test_pseudo_spectrum_options_and_defaults():
+    a = np.array([0.0, 0.5, 1.0, 2.8])
+    w = np.array([1.0, 1.0, 1.0, 1.0])
+    v, m, o = pseudo_spectrum(a, w, 0.5, "slq", bins=1000)
+    assert m.sum() == pytest.approx(4.0) and o["bins"] == 1000 and o["eps"] == 1e-6
+    np.testing.assert_allclose(np.sort(v), np.sort(np.log(np.abs(1 - 0.5 * a) + 1e-6)))  # one value per bin
+    v, m, o = pseudo_spectrum(a, w, 0.5, "ps", n_quantiles=400, bandwidth=1e-4)
+    assert m.sum() == pytest.approx(4.0) and len(v) == 400
+    # tiny bandwidth: the quantiles sit on the atoms, 100 each
+    np.testing.assert_allclose(np.sort(v)[::100], np.sort(np.log(np.abs(1 - 0.5 * a) + 1e-6)), atol=1e-3)
+    v, m, o = pseudo_spectrum(a, w, 0.5, "kde")
+    assert m.sum() == pytest.approx(4.0) and o["bandwidth"] > 0 and len(v) <= 2000
+    with pytest.raises(ValueError, match="bin_value"):
+        pseudo_spectrum(a, w, 0.5, "slq", bin_value="median")
+    with pytest.raises(ValueError, match="bandwidth"):
+        pseudo_spectrum(a, w, 0.5, "kde", bandwidth=-1.0)
+
+
+# --- toy losses (numba, analytic Hessians) agree with torch ---------------------------------------------
+
+@pytest.mark.parametrize("method", ["exact", "slq"])
+def test_dln_numba_and_torch_agree(method):
+    data = sparse_regression(20, 6, 2, seed=0, dtype=torch.float64)
+    X, y = data.train
+    loss = rdsim.losses.dln(X.numpy(), y.numpy(), depth=2)
+    rng = np.random.default_rng(0)
+    x = 0.5 + 0.3 * rng.standard_normal(loss.dim)
+    kw = dict(lr=0.4, batch_size=5, method=method, n_batches=4, seed=2)
+    toy = rdsim.loss_sharpness_dimension(loss, x, **kw)
+    net = DiagonalLinearNetwork(6, depth=2).double().set_flat(x)
+    tor = rt.sharpness_dimension(net, _mse_half, (X, y), **kw)
+    if method == "exact":
+        np.testing.assert_allclose(toy.eigenvalues, tor.eigenvalues, atol=1e-10)
+        np.testing.assert_allclose(toy.lambdas, tor.lambdas, atol=1e-10)
+    assert float(toy.value) == pytest.approx(float(tor.value), abs=1e-6)
+    assert toy.lambda_max == pytest.approx(tor.lambda_max, rel=1e-6)
+    if method == "exact":  # (for SLQ the toy path uses the exact minibatch traces, torch the SLQ estimate)
+        assert toy.trace == pytest.approx(tor.trace, rel=1e-8)
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def test_bad_inputs(mlp_problem):
+    model, X, y = mlp_problem
+    sd = rt.sharpness_dimension
+    with pytest.raises(ValueError, match="lr: expected a positive"):
+        sd(model, F.cross_entropy, (X, y), lr=0.0, batch_size=4)
+    with pytest.raises(ValueError, match="lr"):
+        sd(model, F.cross_entropy, (X, y), lr=-1.0, batch_size=4)
+    with pytest.raises(ValueError, match=r"batch_size: 49 is larger than the data set \(48 samples\)"):
+        sd(model, F.cross_entropy, (X, y), lr=1.0, batch_size=49)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        sd(model, F.cross_entropy, (X, y), lr=1.0, batch_size=4, method="hutch")
+    with pytest.raises(TypeError, match="estimator options"):
+        sd(model, F.cross_entropy, (X, y), lr=1.0, batch_size=4, method="slq", bandwith=0.1)
+    with pytest.raises(ValueError, match="n_batches"):
+        sd(model, F.cross_entropy, (X, y), lr=1.0, batch_size=4, n_batches=0)
+    with pytest.raises(ValueError, match="loss_fn: must return a scalar"):
+        sd(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), (X, y), lr=1.0, batch_size=4)
+    with pytest.raises(TypeError, match="data"):
+        sd(model, F.cross_entropy, X, lr=1.0, batch_size=4)
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    with pytest.raises(ValueError, match="BatchNorm in train mode"):
+        sd(bn, F.cross_entropy, (X, y), lr=1.0, batch_size=4)
+    bn.eval()
+    assert np.isfinite(float(sd(bn, F.cross_entropy, (X, y), lr=1.0, batch_size=4, n_batches=2).value))
+    loss = rdsim.losses.quadratic(np.eye(2))
+    with pytest.raises(ValueError, match="batch_size"):
+        rdsim.loss_sharpness_dimension(loss, np.zeros(2), lr=1.0, batch_size=2)
+    with pytest.raises(ValueError, match="x: expected 2"):
+        rdsim.loss_sharpness_dimension(loss, np.zeros(3), lr=1.0)
