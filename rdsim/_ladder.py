@@ -9,20 +9,25 @@ row-scaled form T = diag(exp(s)) Y (log row scales s, rows of Y of max-norm 1), 
 values of T come from a one-sided (Hestenes) Jacobi iteration carried out on that scaled form.
 Jacobi on a row-graded matrix is relatively accurate (Demmel & Veselic 1992), so the small singular
 values keep their relative accuracy, and nothing overflows or underflows however far apart they are.
+For large systems (``dimension_ladder(..., k=...)``) only the top k log singular values are
+estimated, matrix-free, by block subspace iteration through the tangents and their transposes
+(:func:`tangent_transpose`), with the same QR-after-every-factor and graded-Jacobi bookkeeping.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import numpy as np
 
 from ._dimension import weighted_kaplan_yorke
 from ._lyapunov import _check_int, _seeds
+from ._lyapunov import start_block as _start_block
 from ._systems import AbstractSystem, NoiseStream
 
-__all__ = ["LadderResult", "dimension_ladder", "rds_sharpness", "log_singular_values_of_product"]
+__all__ = ["LadderResult", "dimension_ladder", "rds_sharpness", "log_singular_values_of_product", "tangent_transpose"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,16 +45,26 @@ def _log_abs(a):
 
 
 class _GradedProduct:
-    """The product J_t ... J_1 = Q T, with T = R_t ... R_1 kept as diag(exp(s)) Y (QR-based)."""
+    """The product J_t ... J_1 Q_0 = Q T, with T = R_t ... R_1 kept as diag(exp(s)) Y (QR-based).
 
-    def __init__(self, d: int):
-        self.Q = np.eye(d)
-        self.Y = np.eye(d)
-        self.s = np.zeros(d)
+    ``Q0`` (d, p) with orthonormal columns starts a block product (p <= d; default the identity,
+    the full product). ``push`` multiplies by a dense J, ``push_block`` takes J Q computed elsewhere
+    (a matrix-free tangent).
+    """
+
+    def __init__(self, d: int, Q0=None):
+        self.Q = np.eye(d) if Q0 is None else np.array(Q0, dtype=np.float64)
+        p = self.Q.shape[1]
+        self.Y = np.eye(p)
+        self.s = np.zeros(p)
 
     def push(self, J) -> bool:
         """Multiply by J on the left; False if the product became non-finite."""
-        M = np.asarray(J, dtype=np.float64) @ self.Q
+        return self.push_block(np.asarray(J, dtype=np.float64) @ self.Q)
+
+    def push_block(self, M) -> bool:
+        """Absorb M = J Q (J the next factor, Q = ``self.Q``); False if M is non-finite."""
+        M = np.asarray(M, dtype=np.float64)
         if not np.all(np.isfinite(M)):
             return False
         self.Q, R = np.linalg.qr(M)
@@ -238,13 +253,23 @@ class LadderResult:
         ms: the window lengths m, ascending.
         dims: {m: D^(m)}.
         stderr: {m: jackknife standard error of D^(m) over the samples} (NaN if not computable).
-        Lambda: {m: (tangent_dim,) Lambda_j^(m), j = 1..d}, per unit time (divided by m * dt).
-        increments: {m: (tangent_dim,) Lambda_j^(m) - Lambda_{j-1}^(m)}, the values D^(m) is the
+        Lambda: {m: (k,) Lambda_j^(m), j = 1..k}, per unit time (divided by m * dt); k = tangent_dim
+            for the dense ladder.
+        increments: {m: (k,) Lambda_j^(m) - Lambda_{j-1}^(m)}, the values D^(m) is the
             Kaplan-Yorke formula of (for m = 1 the mean one-step log singular values).
         points: (n_samples, dim) the attractor states at which the windows start.
         n_samples: number of windows.
         status: "ok" or "diverged".
         seed: the seed used.
+        k: the number of top singular values per window (``tangent_dim`` for the dense ladder);
+            with k < tangent_dim, Lambda and increments have length k and ``dims`` are
+            :class:`rdsim.Dimension` values flagged ``lower_bound`` when the k-th partial sum is >= 0.
+        n_power: power iterations of the top-k estimate (None for the dense ladder).
+        samples: {m: (n_samples, k) per-window sorted log singular values of Dphi(m) per unit time
+            (``increments[m]`` is their mean): for paired comparisons across m and custom errors.
+        power_change: {m: the largest change, over windows and j <= k, of the per-unit-time
+            partial sums (1/(m dt)) ln||Dphi(m)||_j in the last power iteration} (top-k only; an
+            a-posteriori convergence indicator, empty for the dense ladder).
     """
 
     ms: tuple
@@ -256,10 +281,15 @@ class LadderResult:
     n_samples: int
     status: str = "ok"
     seed: int | None = None
+    k: int | None = None
+    n_power: int | None = None
+    power_change: dict = dataclasses.field(default_factory=dict)
+    samples: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{m}: {self.dims[m]:.4f} ± {self.stderr[m]:.2g}" for m in self.ms)
-        return f"LadderResult({{{rows}}}, n_samples={self.n_samples}, status={self.status!r})"
+        top = "" if self.n_power is None else f", k={self.k}"
+        return f"LadderResult({{{rows}}}, n_samples={self.n_samples}{top}, status={self.status!r})"
 
 
 def _jackknife_dimension(samples: np.ndarray) -> float:
@@ -270,6 +300,108 @@ def _jackknife_dimension(samples: np.ndarray) -> float:
     loo = (samples.sum(axis=0)[None, :] - samples) / (n - 1)
     vals = np.array([float(weighted_kaplan_yorke(v)) for v in loo])
     return float(math.sqrt((n - 1) / n * np.sum((vals - vals.mean()) ** 2)))
+
+
+#: largest tangent dimension for which a system without a transpose gets dense Jacobians instead
+DENSE_TRANSPOSE_MAX = 512
+
+
+def _symmetric_optimizer_map(system) -> bool:
+    """(S)GD optimizer maps (torch or numba, exact tangent): Df = I - eta H_B is symmetric."""
+    spec = getattr(system, "spec", None)
+    if spec is None or getattr(spec, "kind", None) not in ("gd", "sgd"):
+        return False
+    if getattr(system, "tangent_kind", "exact") != "exact":
+        return False
+    for modname in ("rdsim.torch._optimizer_map", "rdsim._optimizer_map"):
+        mod = sys.modules.get(modname)
+        if mod is not None and isinstance(system, mod.OptimizerMap):
+            return True
+    return False
+
+
+def tangent_transpose(system: AbstractSystem, x, xi, U) -> np.ndarray:
+    """Df(x, xi)^T @ U for a (tangent_dim, k) block U, matrix-free where the system allows it.
+
+    Dispatch: the system's own ``tangent_transpose(x, xi, U)`` if it has one; for an (S)GD
+    optimizer map (``rdsim.torch.OptimizerMap`` or :func:`rdsim.optimizer_map`, exact tangent) the
+    one-step Jacobian I - eta H_B is symmetric, so the transpose is the tangent itself; otherwise
+    the dense ``jacobian(x, xi).T @ U`` when tangent_dim <= :data:`DENSE_TRANSPOSE_MAX`.
+
+    Args:
+        system: any rdsim system.
+        x: state (dim,). xi: noise vector (noise_dim,) (None for deterministic systems).
+        U: (tangent_dim, k) block.
+
+    Returns:
+        (tangent_dim, k) float64 array.
+
+    Raises:
+        ValueError: a system of tangent_dim > DENSE_TRANSPOSE_MAX with neither a transpose nor a
+            symmetric Jacobian.
+
+    Example:
+        >>> import numpy as np, rdsim
+        >>> A = np.array([[2.0, 1.0], [1.0, 3.0]])
+        >>> gd = rdsim.optimizer_map(rdsim.losses.quadratic(A), rdsim.optim.gd(0.1))
+        >>> bool(np.allclose(tangent_transpose(gd, np.ones(2), None, np.eye(2)), np.eye(2) - 0.1 * A))
+        True
+    """
+    kind = _transpose_kind(system)
+    U = np.asarray(U, dtype=np.float64)
+    if kind == "method":
+        return np.asarray(system.tangent_transpose(x, xi, U), dtype=np.float64)
+    if kind == "symmetric":
+        return np.asarray(system.tangent(x, xi, U), dtype=np.float64)
+    return np.asarray(system.jacobian(x, xi), dtype=np.float64).T @ U
+
+
+def _transpose_kind(system) -> str:
+    if callable(getattr(system, "tangent_transpose", None)):
+        return "method"
+    if _symmetric_optimizer_map(system):
+        return "symmetric"
+    if system.tangent_dim <= DENSE_TRANSPOSE_MAX:
+        return "dense"
+    raise ValueError(f"k: the top-k ladder needs the transpose of the one-step Jacobian; {system.name} "
+                     f"(tangent_dim {system.tangent_dim} > {DENSE_TRANSPOSE_MAX}) has no tangent_transpose "
+                     "method and no symmetric Jacobian, and dense Jacobians are too large: use k=None "
+                     "on a smaller system or give the system a tangent_transpose(x, xi, U) method")
+
+
+def _topk_window(fwd, bwd, m, d, p, k, n_power, rng):
+    """Top-k log singular values of Dphi(m) = J_m ... J_1 by block subspace iteration.
+
+    ``fwd(t, V)`` = J_{t+1} V and ``bwd(t, U)`` = J_{t+1}^T U (t = 0..m-1). Every pass re-orthonormalises
+    after each factor (the product is never formed); each forward pass keeps the graded triangular
+    factor T of Dphi(m) V = Q T, whose singular values (scaled Jacobi) are the Ritz values
+    sigma_j(Dphi(m) V) <= sigma_j(Dphi(m)). Returns (top-k logs, largest change of a partial sum
+    between the last two forward passes), or (None, None) if a block became non-finite.
+    """
+    V = _start_block(d, p, rng)
+    prev = None
+    change = 0.0
+    for it in range(n_power + 1):
+        prod = _GradedProduct(d, V)
+        for t in range(m):
+            if not prod.push_block(fwd(t, prod.Q)):
+                return None, None
+        z = prod.log_singular_values()[:k]
+        if prev is not None:
+            with np.errstate(invalid="ignore"):
+                dz = np.abs(np.cumsum(z) - np.cumsum(prev))
+            change = float(np.max(np.where(np.isnan(dz), 0.0, dz)))
+        prev = z
+        if it == n_power:
+            break
+        U = prod.Q
+        for t in reversed(range(m)):
+            M = np.asarray(bwd(t, U), dtype=np.float64)
+            if not np.all(np.isfinite(M)):
+                return None, None
+            U, _ = np.linalg.qr(M)
+        V = U
+    return prev, change
 
 
 def _check_ms(ms):
@@ -288,7 +420,8 @@ def _check_ms(ms):
 
 
 def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_samples: int = 64,
-                     transient: int = 1000, seed: int = 0, return_details: bool = False):
+                     transient: int = 1000, seed: int = 0, return_details: bool = False,
+                     k: int | None = None, n_power: int = 4, oversample: int = 5):
     """The dimension ladder D^(m) (MATH.md §5): Kaplan-Yorke dimensions of m-step Jacobian products.
 
     The system runs from x0 for ``transient`` steps; then n_samples consecutive windows of
@@ -302,22 +435,52 @@ def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_sampl
     non-increasing along m = 1, 2, 4, ... and tends to D_KY; equality holds throughout when Df is
     constant (GD on a quadratic).
 
+    Top-k (``k`` < tangent_dim, for large systems such as ``rdsim.torch.OptimizerMap``): no dense
+    Jacobian is formed. For each window and each m, a block of p = min(k + oversample, d) random
+    orthonormal vectors (seeded by ``seed``, drawn apart from the noise, so the windows are those of
+    the dense ladder) goes through ``n_power`` rounds of block subspace iteration on
+    Dphi(m)^T Dphi(m): forward through the m tangents ``system.tangent`` and back through their
+    transposes (:func:`tangent_transpose`: the system's ``tangent_transpose`` method, the tangent
+    itself for (S)GD optimizer maps, whose Df = I - eta H_B is symmetric, else dense Jacobians when
+    tangent_dim <= 512), with a QR after every factor so nothing overflows. A last forward pass keeps
+    the graded triangular factor of Dphi(m) V = Q T; the singular values of T (scaled Jacobi) are the
+    estimates. Accuracy: sigma_j(Dphi(m) V) <= sigma_j(Dphi(m)) for orthonormal V, so every estimate
+    of ln sigma_j, and every partial sum ln||Dphi(m)||_j, is a lower bound that increases to the
+    exact value with ``n_power``; the error of sigma_j decays like (sigma_{p+1}/sigma_j)^(4 n_power).
+    For m >= 2 the gaps of Dphi(m) are those of one step raised to the power m, so a few iterations
+    suffice; for m = 1 with clustered singular values (the many near-neutral directions of an
+    overparametrised network) raise ``n_power`` or ``oversample`` and watch
+    ``LadderResult.power_change``. Cost per window: (2 n_power + 1) sum(ms) tangent pushes of p
+    columns. D^(m) from k < d values is a :class:`rdsim.Dimension` flagged ``lower_bound`` when the
+    k-th partial sum is >= 0 (the full spectrum might push it higher), as in
+    :func:`rdsim.kaplan_yorke_dimension`.
+
     Sampling error: the jackknife over windows (``return_details=True``). Consecutive windows are
     adjacent pieces of one trajectory; for mixing systems with windows longer than the correlation
     time (max(ms) steps) they are close to independent, otherwise the error is underestimated.
 
     Args:
-        system: any rdsim system (numba or torch; its ``step`` and ``jacobian`` are called).
+        system: any rdsim system (numba or torch; its ``step`` and ``jacobian`` are called, or with
+            ``k`` its ``tangent`` and the transpose).
         x0: initial state (None: the system's default).
         ms: window lengths m (positive integers; duplicates removed, sorted).
         n_samples: number of windows (>= 2).
         transient: steps run before the first window (>= 0).
-        seed: seeds the noise (the same stream as ``lyapunov_spectrum(..., seed=seed)``).
+        seed: seeds the noise (the same stream as ``lyapunov_spectrum(..., seed=seed)``) and, apart
+            from it, the start blocks of the top-k iteration.
         return_details: return a :class:`LadderResult` instead of the dict.
+        k: None (or tangent_dim): all d log singular values from dense Jacobians; 1 <= k <
+            tangent_dim: the top k, matrix-free (above).
+        n_power: power iterations of the top-k estimate (>= 0; ignored for the dense ladder).
+        oversample: extra block columns of the top-k estimate (>= 0).
 
     Returns:
         {m: D^(m)} (floats, m ascending), or a :class:`LadderResult`. A trajectory that becomes
         non-finite gives NaN values (status "diverged" in the details); it does not raise.
+
+    Raises:
+        TypeError / ValueError: bad arguments, named in the message (``k`` outside 1..tangent_dim;
+            ``k`` < tangent_dim for a large system without a usable transpose).
 
     Example:
         >>> import numpy as np, rdsim
@@ -326,22 +489,42 @@ def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_sampl
         >>> ladder = dimension_ladder(gd, np.ones(3), ms=(1, 4), n_samples=4, transient=0)
         >>> [round(v, 6) for v in ladder.values()]
         [1.584963, 1.584963]
+        >>> top = dimension_ladder(gd, np.ones(3), ms=(1, 4), n_samples=4, transient=0, k=1, oversample=1)
+        >>> top[4], top[4].lower_bound  # ln 1.5 > 0: one value cannot place the crossing
+        (1.0 (lower bound), True)
 
     References:
         Tuci, Korkmaz, Simsekli, Birdal, arXiv 2604.19740 (Eq. 70 is the m -> infinity end);
-        Demmel & Veselic (1992) for the accuracy of one-sided Jacobi on graded matrices.
+        Demmel & Veselic (1992) for the accuracy of one-sided Jacobi on graded matrices;
+        Halko, Martinsson & Tropp (2011) for randomized subspace iteration.
     """
     _check_system(system)
     ms = _check_ms(ms)
     n_samples = _check_int(n_samples, "n_samples", 2)
     transient = _check_int(transient, "transient", 0)
-    x = system.initial_state(x0)
     d = system.tangent_dim
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k: expected an integer or None, got {type(k).__name__}")
+        if not 1 <= k <= d:
+            raise ValueError(f"k: expected 1 <= k <= tangent_dim = {d}, got {k}")
+        k = int(k)
+    n_power = _check_int(n_power, "n_power", 0)
+    oversample = _check_int(oversample, "oversample", 0)
+    topk = k is not None and k < d
+    if topk:
+        tkind = _transpose_kind(system)
+        p = min(k + oversample, d)
+    else:
+        k = d
+    x = system.initial_state(x0)
     M = ms[-1]
     _, noise_rng = _seeds(seed)
+    block_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[2])
     noise = NoiseStream(system, noise_rng)
 
-    logs = {m: np.full((n_samples, d), np.nan) for m in ms}
+    logs = {m: np.full((n_samples, k), np.nan) for m in ms}
+    change = {m: 0.0 for m in ms} if topk else {}
     points = np.full((n_samples, system.dim), np.nan)
     status = "ok"
     done = 0
@@ -357,30 +540,59 @@ def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_sampl
         if status != "ok":
             break
         points[s] = x
-        prod = _GradedProduct(d)
-        for t, xi in enumerate(noise.take(M), start=1):
-            J = system.jacobian(x, xi)
-            x = np.asarray(system.step(x, xi), dtype=np.float64)
-            if not prod.push(J) or not np.all(np.isfinite(x)):
+        if not topk:
+            prod = _GradedProduct(d)
+            for t, xi in enumerate(noise.take(M), start=1):
+                J = system.jacobian(x, xi)
+                x = np.asarray(system.step(x, xi), dtype=np.float64)
+                if not prod.push(J) or not np.all(np.isfinite(x)):
+                    status = "diverged"
+                    break
+                if t in want:
+                    logs[t][s] = prod.log_singular_values()
+            continue
+        # top-k: record the window's states and noise, then iterate on each Dphi(m)
+        xis = noise.take(M)
+        xs = np.empty((M, system.dim))
+        for t in range(M):
+            xs[t] = x
+            x = np.asarray(system.step(x, xis[t]), dtype=np.float64)
+            if not np.all(np.isfinite(x)):
                 status = "diverged"
                 break
-            if t in want:
-                logs[t][s] = prod.log_singular_values()
+        if status != "ok":
+            break
+        if tkind == "dense":
+            Js = [np.asarray(system.jacobian(xs[t], xis[t]), dtype=np.float64) for t in range(M)]
+            fwd = lambda t, V: Js[t] @ V  # noqa: E731
+            bwd = lambda t, U: Js[t].T @ U  # noqa: E731
+        else:
+            fwd = lambda t, V: system.tangent(xs[t], xis[t], V)  # noqa: E731
+            bwd = lambda t, U: tangent_transpose(system, xs[t], xis[t], U)  # noqa: E731
+        for m in ms:
+            z, dz = _topk_window(fwd, bwd, m, d, p, k, n_power, block_rng)
+            if z is None:
+                status = "diverged"
+                break
+            logs[m][s] = z
+            change[m] = max(change[m], dz / (m * float(system.dt)))
 
     dt = float(system.dt)
-    dims, stderr, Lam, inc = {}, {}, {}, {}
+    dims, stderr, Lam, inc, per = {}, {}, {}, {}, {}
     for m in ms:
+        per[m] = logs[m] / (m * dt)
         if status != "ok":
             dims[m], stderr[m] = float("nan"), float("nan")
-            Lam[m] = inc[m] = np.full(d, np.nan)
+            Lam[m] = inc[m] = np.full(k, np.nan)
             continue
         z = logs[m] / (m * dt)  # per-sample increments (sorted log singular values per unit time)
         inc[m] = z.mean(axis=0)
         with np.errstate(invalid="ignore"):
             Lam[m] = np.cumsum(inc[m])
-        dims[m] = float(weighted_kaplan_yorke(inc[m], argname="increments"))
+        dims[m] = weighted_kaplan_yorke(inc[m], dim=d, argname="increments")
         stderr[m] = _jackknife_dimension(z)
     if not return_details:
         return dims
     return LadderResult(ms=ms, dims=dims, stderr=stderr, Lambda=Lam, increments=inc, points=points,
-                        n_samples=n_samples, status=status, seed=seed)
+                        n_samples=n_samples, status=status, seed=seed, k=k,
+                        n_power=n_power if topk else None, power_change=change, samples=per)
