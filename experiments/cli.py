@@ -1,4 +1,5 @@
-"""The ``rdsim`` command line: ``rdsim demo``, ``rdsim spectrum SYSTEM``, ``rdsim systems``."""
+"""The ``rdsim`` command line: ``rdsim demo`` (the edge-of-stability map), ``rdsim catalogue``,
+``rdsim spectrum SYSTEM``, ``rdsim systems``, ``rdsim sweep CONFIG``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ __all__ = ["main"]
 
 def _catalogue_runs(quick: bool):
     """(label, factory, n_steps, transient, k) for the catalogue demo."""
-    from . import systems as S
+    from rdsim import systems as S
 
     f = 0.25 if quick else 1.0
     return [
@@ -38,15 +39,15 @@ def _fmt(values, n=3):
     return " ".join(vals)
 
 
-def demo(out: Path, quick: bool = False) -> list[dict]:
+def catalogue(out: Path, quick: bool = False) -> list[dict]:
     """Lyapunov spectra of the catalogue against their reference values; table, CSV and figures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ._io import atomic_savefig, atomic_write_csv
-    from ._lyapunov import lyapunov_spectrum
+    from rdsim._io import atomic_savefig, atomic_write_csv
+    from rdsim._lyapunov import lyapunov_spectrum
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -131,8 +132,8 @@ def demo(out: Path, quick: bool = False) -> list[dict]:
 
 
 def _spectrum(args) -> int:
-    from . import systems as S
-    from ._lyapunov import lyapunov_spectrum
+    from rdsim import systems as S
+    from rdsim._lyapunov import lyapunov_spectrum
 
     if args.system not in S.CATALOGUE:
         print(f"error: unknown system {args.system!r}; choose from {', '.join(sorted(S.CATALOGUE))}", file=sys.stderr)
@@ -146,7 +147,7 @@ def _spectrum(args) -> int:
 
 
 def _list_systems(_args) -> int:
-    from . import systems as S
+    from rdsim import systems as S
 
     for name, factory in S.CATALOGUE.items():
         doc = (factory.__doc__ or "").strip().splitlines()
@@ -155,11 +156,48 @@ def _list_systems(_args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from experiments.sweep import EXAMPLE_CONFIG, SweepExistsError, run_sweep
+
+    if args.example:
+        print(EXAMPLE_CONFIG, end="")
+        return 0
+    if args.config is None:
+        print("error: rdsim sweep: give a CONFIG.toml (or --example to print one)", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(Path(args.config).stem + "-sweep")
+    try:
+        res = run_sweep(args.config, out, resume=args.resume, executor=args.executor, workers=args.workers,
+                        address=args.address, progress=not args.no_progress)
+    except SweepExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if res.ok else 1
+
+
+def _reproduce(args) -> int:
+    from experiments.reproduce import list_experiments, run_experiment
+
+    if args.list or args.name is None:
+        for name, title in list_experiments():
+            print(f"{name:20s} {title}")
+        return 0 if args.list else 2
+    run_experiment(args.name, args.out, quick=args.quick, resume=args.resume)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rdsim", description="Optimizers as random dynamical systems.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the demo (Lyapunov spectra of the catalogue against reference values)")
+    p = sub.add_parser("demo", help="the edge-of-stability map: GD and SGD on a diagonal linear network and an MLP "
+                       "across the stability threshold (Lyapunov exponents, D_KY, SD, sharpness, generalization gap)")
     p.add_argument("--out", default="rdsim-demo", help="output directory (default: rdsim-demo/)")
+    p.add_argument("--quick", action="store_true", help="a few runs only (~30 s)")
+    p = sub.add_parser("catalogue", help="Lyapunov spectra of the catalogue systems against reference values")
+    p.add_argument("--out", default="rdsim-catalogue", help="output directory (default: rdsim-catalogue/)")
     p.add_argument("--quick", action="store_true", help="shorter runs")
     p = sub.add_parser("spectrum", help="Lyapunov spectrum of a catalogue system")
     p.add_argument("system")
@@ -170,13 +208,40 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     sub.add_parser("systems", help="list the catalogue")
+    p = sub.add_parser("sweep", help="a resumable learning-rate x batch-size (x seed) sweep from a TOML config")
+    p.add_argument("config", nargs="?", help="the sweep configuration (TOML); see --example")
+    p.add_argument("--example", action="store_true", help="print a small runnable configuration and exit")
+    p.add_argument("--out", default=None, help="output directory (default: <config name>-sweep/)")
+    p.add_argument("--resume", action="store_true", help="continue a sweep in --out, skipping finished runs")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: a process pool (default); ray: Ray tasks (pip install 'rdsim[distributed]')")
+    p.add_argument("--workers", type=int, default=1, help="parallel runs (local: processes; ray: CPUs of a "
+                   "local Ray instance); default 1 (in-process for local)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance); the "
+                   "cluster's nodes need rdsim installed, results come back to this machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = sub.add_parser("reproduce", help="reproduce a paper's finding (rdsim reproduce --list)")
+    p.add_argument("name", nargs="?", help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--quick", action="store_true", help="the CI-sized version")
+    p.add_argument("--out", default=None, help="output directory (default: reproduce-NAME/)")
+    p.add_argument("--resume", action="store_true", help="skip the units a previous (killed) run finished")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            demo(Path(args.out), quick=args.quick)
+            from experiments.demo import eos_map
+
+            eos_map(Path(args.out), quick=args.quick)
+            return 0
+        if args.command == "catalogue":
+            catalogue(Path(args.out), quick=args.quick)
             return 0
         if args.command == "spectrum":
             return _spectrum(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "reproduce":
+            return _reproduce(args)
         return _list_systems(args)
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
