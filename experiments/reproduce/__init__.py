@@ -1,0 +1,119 @@
+"""Reproductions of the papers' findings: ``rdsim reproduce NAME [--quick] [--out DIR] [--resume]``.
+
+Each experiment is a module of this package with
+
+* ``NAME`` (the command-line name), ``TITLE`` (one line for ``--list``), ``CLAIM`` (the paper's claim);
+* ``run(out: Path, quick: bool, store: Store, log) -> dict``: runs the experiment, writes its
+  figures (PNG) into ``out`` and returns a summary dict of the measured numbers (JSON-able),
+  including ``"verdict"`` (``"agrees"``, ``"partly"``, ``"disagrees"`` or ``"inconclusive"``) and
+  ``"verdict_reason"``.
+
+Long runs are split into units (one learning rate, one checkpoint, ...) whose results are kept
+in a :class:`Store`: every unit is written atomically when it finishes, so a killed run resumed
+with ``--resume`` skips finished units and ends with the same summary. The summary is written to
+``out/summary.json`` (atomically) at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from rdsim._io import atomic_write_bytes
+
+__all__ = ["EXPERIMENTS", "Store", "list_experiments", "run_experiment"]
+
+#: command-line name -> module (in run order)
+EXPERIMENTS = {
+    "eos": "experiments.reproduce.eos",
+    "sd-generalization": "experiments.reproduce.sd_generalization",
+    "grokking": "experiments.reproduce.grokking",
+    "dln": "experiments.reproduce.dln",
+    "fractal": "experiments.reproduce.fractal",
+    "ladder": "experiments.reproduce.ladder",
+}
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def dumps(obj) -> bytes:
+    """JSON with numpy values converted and NaN kept (as NaN, which json reads back)."""
+    return json.dumps(obj, default=_json_default, indent=1, sort_keys=True).encode()
+
+
+class Store:
+    """Finished units of an experiment, one JSON file each under ``out/units/`` (atomic writes).
+
+    ``store.get(key, compute)`` returns the stored value of ``key`` if the run is resumed and the
+    unit is done; otherwise it calls ``compute()``, writes the result atomically and returns it.
+    Without ``resume`` an existing unit file is recomputed (and overwritten).
+    """
+
+    def __init__(self, out: Path, resume: bool):
+        self.dir = Path(out) / "units"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.resume = bool(resume)
+        self.reused = 0
+        self.computed = 0
+
+    def _path(self, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
+        return self.dir / f"{safe}.json"
+
+    def get(self, key: str, compute: Callable[[], dict]) -> dict:
+        path = self._path(key)
+        if self.resume and path.exists():
+            self.reused += 1
+            return json.loads(path.read_text())
+        value = compute()
+        atomic_write_bytes(path, dumps(value))
+        self.computed += 1
+        return json.loads(path.read_text())  # exactly what a resumed run would read
+
+
+def _module(name: str):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"NAME: unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} "
+                         "(rdsim reproduce --list)")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def list_experiments() -> list[tuple[str, str]]:
+    """(name, one-line title) of every experiment."""
+    out = []
+    for name in EXPERIMENTS:
+        try:
+            out.append((name, _module(name).TITLE))
+        except ImportError as err:  # an experiment whose module is missing is listed as such
+            out.append((name, f"(not available: {err})"))
+    return out
+
+
+def run_experiment(name: str, out=None, *, quick: bool = False, resume: bool = False, log=print) -> dict:
+    """Run one experiment into ``out`` (default ``reproduce-NAME/``); returns its summary."""
+    mod = _module(name)
+    out = Path(out) if out is not None else Path(f"reproduce-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out, resume)
+    t0 = time.perf_counter()
+    log(f"rdsim reproduce {name}{' --quick' if quick else ''}: {mod.TITLE}\nclaim: {mod.CLAIM}\n")
+    summary = mod.run(out, quick, store, log)
+    summary = {"experiment": name, "quick": bool(quick), "claim": mod.CLAIM, **summary,
+               "seconds": time.perf_counter() - t0, "units_reused": store.reused, "units_computed": store.computed}
+    atomic_write_bytes(out / "summary.json", dumps(summary))
+    log(f"\nverdict: {summary.get('verdict')} ({summary.get('verdict_reason', '')})")
+    log(f"wrote {out}/summary.json and figures ({summary['seconds']:.0f} s; {store.reused} units reused)")
+    return summary
