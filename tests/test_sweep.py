@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rdsim import cli
+from experiments import cli
 from experiments.sweep import (EXAMPLE_CONFIG, SweepConfigError, SweepExistsError, find_line, parse_config, run_id,
                          run_sweep)
 

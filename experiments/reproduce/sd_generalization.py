@@ -181,5 +181,6 @@ def run(out: Path, quick: bool, store, log) -> dict:
                       "data": "scikit-learn digits (8x8, 1,437 train / 360 test) instead of MNIST",
                       "optimizer": "SGD, constant lr, cross-entropy", "steps": steps, "lrs": list(lrs),
                       "batch_sizes": list(batches)},
-            "runs": rows, "correlations": corr, "attractor_check": mid, "best_measure_acc_gap": best,
+            "runs": rows, "correlations": corr,
+            "figures": ["sd_generalization_scatter.png", "sd_generalization_kendall.png"], "attractor_check": mid, "best_measure_acc_gap": best,
             "verdict": verdict, "verdict_reason": reason}
