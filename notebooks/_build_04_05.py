@@ -1,42 +1,5 @@
 """Build notebooks 04 and 05 (without outputs): python notebooks/_build_04_05.py"""
-from pathlib import Path
-
-import nbformat as nbf
-
-HERE = Path(__file__).resolve().parent
-
-
-def md(s):
-    return nbf.v4.new_markdown_cell(s.strip())
-
-
-def code(s):
-    return nbf.v4.new_code_cell(s.strip())
-
-
-def write(name, cells):
-    nb = nbf.v4.new_notebook()
-    nb.cells = cells
-    for i, c in enumerate(nb.cells):
-        c["id"] = f"{name[:2]}-{i:02d}"   # stable ids: rebuilding gives a reviewable diff
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbf.write(nb, HERE / name)
-
-
-HEADER = '''
-import os, sys, time
-from pathlib import Path
-ROOT = Path.cwd().resolve().parent if Path.cwd().name == "notebooks" else Path.cwd().resolve()
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-SMOKE = os.environ.get("RDSIM_SMOKE") == "1"
-import numpy as np
-import matplotlib
-if SMOKE:
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-print("smoke mode" if SMOKE else "full mode")
-'''
+from _build import HEADER, code, md, write  # noqa: F401  (shared with notebooks 01-03)
 
 # ---------------------------------------------------------------------------------------------
 nb04 = [

@@ -1,13 +1,15 @@
-"""``rdsim reproduce eos`` and ``rdsim reproduce ladder`` (quick): summary keys, figures, resume."""
+"""``rdsim reproduce`` (quick runs of eos, ladder, sd-generalization and grokking with resume; ``--list``)."""
 
 import json
+import math
 
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
-from experiments.reproduce import run_experiment  # noqa: E402
+from experiments import cli  # noqa: E402
+from experiments.reproduce import EXPERIMENTS, run_experiment  # noqa: E402
 
 VERDICTS = {"agrees", "partly", "disagrees", "inconclusive"}
 
@@ -59,3 +61,58 @@ def test_ladder_quick_and_resume(tmp_path):
     for f in s["figures"]:
         assert (tmp_path / f).stat().st_size > 1000
     _check_resume("ladder", tmp_path, s)
+
+
+def test_list_names_every_experiment(capsys):
+    assert cli.main(["reproduce", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == list(EXPERIMENTS) and len(names) >= 6
+    assert set(names) >= {"eos", "sd-generalization", "grokking", "dln", "fractal", "ladder"}
+    assert all("not available" not in line and len(line.split()) > 3 for line in lines)
+
+
+def test_unknown_experiment_is_a_clear_error(capsys, tmp_path):
+    assert cli.main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "NAME" in err and "sd-generalization" in err
+
+
+def test_sd_generalization_quick_and_resume(tmp_path):
+    s = run_experiment("sd-generalization", tmp_path, quick=True, log=_quiet)
+    assert s["verdict"] == "inconclusive"  # the 2x2 quick grid cannot decide the claim, and says so
+    ok = [r for r in s["runs"] if r["status"] == "ok"]
+    assert len(s["runs"]) == 4 and len(ok) >= 3
+    for r in ok:
+        n = r["n_params"]
+        assert n == 64 * 16 + 16 * 16 + 16 * 10  # the paper's no-bias 3-layer width-16 MLP on 8x8 digits
+        # SD lies in [0, n]; the baselines are the ones the paper compares against
+        assert 0 <= r["sd"] <= n and 0 <= r["sd_slq"] <= n
+        assert r["lambda_max"] > 0 and r["trace"] > 0 and math.isfinite(r["rds_sharpness"])
+        assert r["acc_gap"] == pytest.approx(r["train_acc"] - r["test_acc"])
+    measures = {c["measure"] for c in s["correlations"]}
+    assert measures == {"sd", "sd_slq", "rds_sharpness", "lambda_max", "trace"}
+    for c in s["correlations"]:
+        assert math.isnan(c["tau"]) or -1 <= c["tau"] <= 1
+    lad = s["attractor_check"]["ladder"]
+    assert set(lad) == {"1", "2"} and all(0 <= v <= 8 for v in lad.values())  # top-8 ladder
+    for f in s["figures"]:
+        assert (tmp_path / f).stat().st_size > 1000
+    assert (tmp_path / "runs.csv").exists() and (tmp_path / "correlations.csv").exists()
+    again = run_experiment("sd-generalization", tmp_path, quick=True, resume=True, log=_quiet)
+    assert again["units_computed"] == 0 and again["units_reused"] == s["units_computed"] == 5
+    assert _numbers(again) == _numbers(s)
+
+
+def test_grokking_quick_and_resume(tmp_path):
+    s = run_experiment("grokking", tmp_path, quick=True, log=_quiet)
+    assert s["verdict"] == "inconclusive" and s["n_checkpoints"] == 4  # steps 0, 500, 1000, 1500
+    # training on half of the 23 x 23 table fits it well within 1500 steps
+    assert s["final_train_acc"] > 0.9
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert rows["figures"] == ["grokking.png"] and (tmp_path / "grokking.png").stat().st_size > 1000
+    csv = (tmp_path / "checkpoints.csv").read_text().splitlines()
+    assert len(csv) == 1 + 4 and "sd" in csv[0].split(",")
+    again = run_experiment("grokking", tmp_path, quick=True, resume=True, log=_quiet)
+    assert again["units_computed"] == 0 and again["units_reused"] == s["units_computed"] == 5
+    assert _numbers(again) == _numbers(s)

@@ -327,8 +327,9 @@ def dense_hessian(model: nn.Module, loss_fn: Callable, data, *, dtype=None, chun
 # operators as callables on torch blocks
 
 
-def _as_rows_fn(op, n=None):
-    """(rows (k, n) float64 -> H rows, n, device, dtype) for a HessianOperator, a matrix or a callable."""
+def _as_rows_fn(op, n=None, device=None):
+    """(rows (k, n) float64 -> H rows, n, device) for a HessianOperator, a matrix or a callable
+    (whose vectors live on ``device``, default CPU)."""
     if isinstance(op, HessianOperator):
         def f(R):
             return op._rows(R.to(op.dtype)).to(torch.float64)
@@ -347,7 +348,7 @@ def _as_rows_fn(op, n=None):
             out = op(R.T)
             out = torch.as_tensor(out, dtype=torch.float64, device=R.device)
             return out.T
-        return f, n, torch.device("cpu")
+        return f, n, torch.device("cpu") if device is None else torch.device(device)
     raise TypeError(f"op: expected a HessianOperator, a symmetric matrix or a function V (n, k) -> A V, "
                     f"got {type(op).__name__}")
 
@@ -408,7 +409,7 @@ def _pick(theta, k, which):
 
 def lanczos(op, k: int = 10, *, which: str = "LA", n: int | None = None, tol: float = 1e-6,
             max_iter: int | None = None, min_iter: int | None = None, check_every: int = 2, v0=None,
-            seed: int = 0, n_iter: int | None = None, return_vectors: bool = False) -> LanczosResult:
+            seed: int = 0, n_iter: int | None = None, return_vectors: bool = False, device=None) -> LanczosResult:
     """Lanczos with full reorthogonalisation on a symmetric operator (MATH.md §6).
 
     From a Rademacher start vector (or ``v0``), the Krylov basis is reorthogonalised twice against
@@ -432,13 +433,15 @@ def lanczos(op, k: int = 10, *, which: str = "LA", n: int | None = None, tol: fl
         seed: seeds the Rademacher start vector.
         n_iter: fixed number of steps (overrides tol/max_iter).
         return_vectors: also return the (n, k) Ritz vectors.
+        device: for a function ``op``, the device of the (float64) vectors it receives and of the
+            Krylov basis (default CPU); ignored otherwise.
 
     Returns:
         :class:`LanczosResult` (all in float64 numpy).
     """
     if which not in ("LA", "SA", "BE"):
         raise ValueError(f"which: expected 'LA', 'SA' or 'BE', got {which!r}")
-    f, dim, device = _as_rows_fn(op, n)
+    f, dim, device = _as_rows_fn(op, n, device)
     k = _check_pos_int(k, "k")
     if k > dim:
         raise ValueError(f"k: asked for {k} eigenvalues of an operator of dimension {dim}")

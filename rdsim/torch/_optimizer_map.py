@@ -20,7 +20,7 @@ from torch.func import functional_call, grad_and_value, jvp, vmap
 from .._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE
 from .._systems import AbstractSystem
 from ..optim import OptimizerSpec, noise_sampler
-from ._lanczos import lanczos_top
+from ._hessian import lanczos
 
 __all__ = ["OptimizerMap"]
 
@@ -561,14 +561,14 @@ class OptimizerMap(AbstractSystem):
             g, loss = grad_and_value(self._loss)(xx, xb, yy)
             return g, loss
 
-        def hvp(v):
-            self.n_hvp += 1
+        def hvp(V):  # (n, k) float64 -> H V
+            self.n_hvp += V.shape[1]
             n_jvp = self.n_jvp
-            out = self._push(gfn, x, v[None], yb)[1][0]
+            out = self._push(gfn, x, V.T.to(self.dtype), yb)[1]
             self.n_jvp = n_jvp
-            return out
+            return out.T
 
-        return float(lanczos_top(hvp, self.n_params, n_iter, device=self.device, dtype=self.dtype, seed=seed)[0])
+        return float(lanczos(hvp, 1, n=self.n_params, n_iter=n_iter, seed=seed, device=self.device).eigenvalues[0])
 
     # -- records ---------------------------------------------------------------------------------
     def _start_run(self, noise):
