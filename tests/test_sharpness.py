@@ -144,6 +144,31 @@ def test_range_finder_route_equals_dense_route(mlp_problem):
     assert op.n_hvp - op.n_params < op.n_params  # (the dense check above cost n_params products)
 
 
+class _MatrixOperator:
+    """The parts of a HessianOperator that minibatch_hessian_eigenvalues uses, over a fixed matrix."""
+
+    def __init__(self, A):
+        self.A = torch.as_tensor(A)
+        self.n_params, self.device, self.dtype = A.shape[0], torch.device("cpu"), torch.float64
+
+    def _rows(self, R):
+        return R @ self.A
+
+
+def test_range_finder_reports_eigenvalues_below_rank_tol_as_zero():
+    # rank 120 of 300, eigenvalue magnitudes log-spaced from 1 down to 1e-12 (random signs)
+    rng = np.random.default_rng(0)
+    n = 300
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    e = np.zeros(n)
+    e[:120] = np.logspace(0, -12, 120) * np.where(rng.random(120) < 0.5, -1.0, 1.0)
+    A = (Q * e) @ Q.T
+    ev = rt.minibatch_hessian_eigenvalues(_MatrixOperator(0.5 * (A + A.T)), dense_max=8, block=64, rank_tol=1e-9)
+    big = np.sort(e[np.abs(e) > 1e-9])
+    assert np.count_nonzero(ev) == big.size and np.all(np.abs(ev[ev != 0]) > 1e-9)
+    np.testing.assert_allclose(ev[ev != 0], big, rtol=0, atol=1e-9)  # accurate to rank_tol * ||H||
+
+
 # --- SLQ, KDE and PS ---------------------------------------------------------------------------
 
 def test_slq_estimators_integrate_to_n_and_converge_to_exact():
