@@ -573,6 +573,9 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 10,
     return np.sort(res.eigenvalues)[::-1]
 
 
+_DGKS = 0.5 ** 0.5
+
+
 def lanczos_lockstep(rows_fn, V0: torch.Tensor, n_iter: int):
     """R independent Lanczos recurrences run in lockstep (one batched product per step).
 
@@ -593,6 +596,7 @@ def lanczos_lockstep(rows_fn, V0: torch.Tensor, n_iter: int):
     length = torch.full((R,), m, dtype=torch.long)
     prev_beta = torch.zeros(R, dtype=torch.float64, device=V.device)
     n_prod = 0
+    n_second = [0]
     for j in range(m):
         basis[:, j] = V
         W = rows_fn(V).to(torch.float64)
@@ -604,9 +608,18 @@ def lanczos_lockstep(rows_fn, V0: torch.Tensor, n_iter: int):
         if j > 0:
             W = W - prev_beta[:, None] * basis[:, j - 1]
         Bj = basis[:, :j + 1]
-        for _ in range(2):
-            W = W - torch.einsum("rjn,rj->rn", Bj, torch.einsum("rjn,rn->rj", Bj, W))
+        # classical Gram-Schmidt against the whole basis; a second pass only where the first one
+        # cancelled much of the vector (the DGKS criterion: norm fell below 1/sqrt(2) of itself)
+        before = torch.linalg.vector_norm(W, dim=1)
+        W = W - torch.einsum("rjn,rj->rn", Bj, torch.einsum("rjn,rn->rj", Bj, W))
         beta = torch.linalg.vector_norm(W, dim=1)
+        again = beta < _DGKS * before
+        if bool(again.any()):
+            idx = again.nonzero().squeeze(1)
+            Ba, Wa = Bj[idx], W[idx]
+            W[idx] = Wa - torch.einsum("rjn,rj->rn", Ba, torch.einsum("rjn,rn->rj", Ba, Wa))
+            beta = torch.linalg.vector_norm(W, dim=1)
+            n_second[0] += int(idx.numel())
         A[:, j] = a.cpu()
         B[:, j] = beta.cpu()
         scale = torch.maximum(A[:, :j + 1].abs().max(dim=1).values, B[:, :j + 1].abs().max(dim=1).values)
