@@ -24,6 +24,7 @@ CLAIM = ("Full-batch GD: the sharpness lambda_max(H) rises (progressive sharpeni
 GD_LRS = (0.08, 0.12, 0.2, 0.35)
 ADAM_LRS = (0.008, 0.016, 0.03)
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+LONG_STEPS = 20_000
 TOL = 0.15  # ratio within +-15% of 1 counts as "at the edge of stability"
 WIDTH = 8
 
@@ -145,6 +146,17 @@ def run(out: Path, quick: bool, store, log) -> dict:
             log(f"{kind:4s} eta={lr:<6g} threshold {r['threshold']:8.2f}: initial ratio {r['initial_ratio']:.3f}, "
                 f"last third ratio mean {r['ratio_mean']:.3f} [min {r['ratio_min']:.3f}, max {r['ratio_max']:.3f}], "
                 f"final loss {r['final_loss']:.4f} ({r['status']}, {r['seconds']:.0f} s)")
+    long = None
+    if not quick:  # the smallest GD rate again, 20,000 steps: does it reach the edge, or converge first?
+        lr0 = min(gd_lrs)
+        long = store.get(f"gd_lr={lr0:g}_steps={LONG_STEPS}", lambda: _train("gd", lr0, LONG_STEPS, 250))
+        ratio = np.asarray(long["sharpness"]) * lr0 / 2
+        i = int(np.argmax(ratio))
+        long = {"lr": lr0, "steps": LONG_STEPS, "status": long["status"], "peak_ratio": float(ratio[i]),
+                "peak_step": int(long["steps"][i]), "final_ratio": float(ratio[-1]), "final_loss": long["final_loss"],
+                "ratio_every_1000_steps": [float(x) for x in ratio[::4]]}
+        log(f"gd   eta={lr0:<6g} continued to {LONG_STEPS} steps: lambda_max*eta/2 peaks at {long['peak_ratio']:.3f} "
+            f"(step {long['peak_step']}), ends at {long['final_ratio']:.3f}; final loss {long['final_loss']:.4f}")
     _figure(rows["gd"], "gd", out, "full-batch GD")
     _figure(rows["adam"], "adam", out, "full-batch Adam, β1 = 0.9")
 
@@ -172,5 +184,12 @@ def run(out: Path, quick: bool, store, log) -> dict:
               f"GD runs starting below the edge (initial λ_max < 0.9·2/η) that sharpened up to it: {sum(sharpening)}/{len(sharpening)}")
     if quick:
         reason += " (quick run: short training, may not reach the edge)"
-    return {"gd": table(rows["gd"]), "adam": table(rows["adam"]), "tolerance": TOL,
+    if long is not None:
+        reached = long["peak_ratio"] >= 0.95  # a peak, not an average over oscillations: within 5 %
+        reason += (f"; GD at eta={long['lr']:g} continued to {long['steps']} steps "
+                   + (f"reaches the edge (peak ratio {long['peak_ratio']:.2f})" if reached else
+                      f"peaks at {long['peak_ratio']:.2f} of 2/eta (step {long['peak_step']}) and then decreases "
+                      f"({long['final_ratio']:.2f} at the end) as the loss converges: it converges before reaching "
+                      f"the edge"))
+    return {"gd": table(rows["gd"]), "adam": table(rows["adam"]), "gd_long": long, "tolerance": TOL,
             "figures": ["eos_gd.png", "eos_adam.png"], "verdict": verdict, "verdict_reason": reason}
