@@ -113,6 +113,8 @@ def _figure(rows, kind, out: Path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rdsim._io import atomic_savefig
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, r in enumerate(rows):
         c = f"C{i}"
@@ -128,7 +130,7 @@ def _figure(rows, kind, out: Path, title):
     a2.set_ylabel("train loss")
     a2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"eos_{kind}.png", dpi=110)
+    atomic_savefig(fig, out / f"eos_{kind}.png", dpi=110)
     plt.close(fig)
 
 

@@ -157,6 +157,7 @@ def _figures(runs, out: Path):
     import matplotlib.pyplot as plt
 
     from rdsim import plot
+    from rdsim._io import atomic_savefig
 
     groups = {}
     for r in runs:
@@ -182,7 +183,7 @@ def _figures(runs, out: Path):
         ax = plot.dimensions_vs_lr(lrs, dims, errors=errs, logx=False)
         ax.set_title(f"{model}, {kind.upper()}: dimensions vs η", fontsize=9)
         name = f"ladder_{model.lower()}_{kind}_vs_lr.png"
-        ax.figure.savefig(out / name, dpi=110, bbox_inches="tight")
+        atomic_savefig(ax.figure, out / name, dpi=110, bbox_inches="tight")
         plt.close(ax.figure)
         files.append(name)
         # one ladder: a chaotic run (lambda_1 > 0.01) if any, else the largest D^(1) - D_KY gap
@@ -191,7 +192,7 @@ def _figures(runs, out: Path):
                          d_ky=(r["d_ky"], r["d_ky_stderr"]), sd=r["sd_sup"])
         ax.set_title(f"{model}, {kind.upper()}, η = {r['lr']:g}", fontsize=9)
         name = f"ladder_{model.lower()}_{kind}_lr{r['lr']:g}.png"
-        ax.figure.savefig(out / name, dpi=110, bbox_inches="tight")
+        atomic_savefig(ax.figure, out / name, dpi=110, bbox_inches="tight")
         plt.close(ax.figure)
         files.append(name)
     return files
