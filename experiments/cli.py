@@ -185,7 +185,13 @@ def _reproduce(args) -> int:
         for name, title in list_experiments():
             print(f"{name:20s} {title}")
         return 0 if args.list else 2
-    run_experiment(args.name, args.out, quick=args.quick, resume=args.resume)
+    from experiments.reproduce import ExperimentExistsError
+
+    try:
+        run_experiment(args.name, args.out, quick=args.quick, resume=args.resume, overwrite=args.overwrite)
+    except ExperimentExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -226,6 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the CI-sized version")
     p.add_argument("--out", default=None, help="output directory (default: reproduce-NAME/)")
     p.add_argument("--resume", action="store_true", help="skip the units a previous (killed) run finished")
+    p.add_argument("--overwrite", action="store_true", help="recompute everything in an --out that holds a run")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":

@@ -72,6 +72,20 @@ def test_list_names_every_experiment(capsys):
     assert all("not available" not in line and len(line.split()) > 3 for line in lines)
 
 
+def test_existing_output_is_not_overwritten_silently(capsys, tmp_path):
+    out = tmp_path / "g"
+    assert cli.main(["reproduce", "grokking", "--quick", "--out", str(out)]) == 0
+    first = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["reproduce", "grokking", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "summary.json").read_bytes() == first  # untouched
+    assert cli.main(["reproduce", "grokking", "--quick", "--out", str(out), "--overwrite"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["units_reused"] == 0 and s["units_computed"] == 5
+
+
 def test_unknown_experiment_is_a_clear_error(capsys, tmp_path):
     assert cli.main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

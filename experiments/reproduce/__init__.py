@@ -24,7 +24,7 @@ from typing import Callable
 
 from rdsim._io import atomic_write_bytes
 
-__all__ = ["EXPERIMENTS", "Store", "list_experiments", "run_experiment"]
+__all__ = ["EXPERIMENTS", "ExperimentExistsError", "Store", "list_experiments", "run_experiment"]
 
 #: command-line name -> module (in run order)
 EXPERIMENTS = {
@@ -84,6 +84,10 @@ class Store:
         return json.loads(path.read_text())  # exactly what a resumed run would read
 
 
+class ExperimentExistsError(FileExistsError):
+    """The output directory holds an earlier run of the experiment (and neither resume nor overwrite was asked)."""
+
+
 def _module(name: str):
     if name not in EXPERIMENTS:
         raise ValueError(f"NAME: unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} "
@@ -102,10 +106,19 @@ def list_experiments() -> list[tuple[str, str]]:
     return out
 
 
-def run_experiment(name: str, out=None, *, quick: bool = False, resume: bool = False, log=print) -> dict:
-    """Run one experiment into ``out`` (default ``reproduce-NAME/``); returns its summary."""
+def run_experiment(name: str, out=None, *, quick: bool = False, resume: bool = False, overwrite: bool = False,
+                   log=print) -> dict:
+    """Run one experiment into ``out`` (default ``reproduce-NAME/``); returns its summary.
+
+    An ``out`` that already holds a run (a ``summary.json`` or finished units) is continued with
+    ``resume=True`` (finished units are reused) or recomputed with ``overwrite=True``; with neither,
+    :class:`ExperimentExistsError` is raised rather than overwriting it silently.
+    """
     mod = _module(name)
     out = Path(out) if out is not None else Path(f"reproduce-{name}")
+    if not (resume or overwrite) and ((out / "summary.json").exists() or any((out / "units").glob("*.json"))):
+        raise ExperimentExistsError(f"out: {out} already holds a run of {name!r}; pass --resume to continue it "
+                                    "(finished units are reused) or --overwrite to start over")
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out, resume)
     t0 = time.perf_counter()
