@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.sweep import run_sweep  # noqa: E402
+from rdsim_experiments.sweep import run_sweep  # noqa: E402
 
 WORK = """\
 [sweep]

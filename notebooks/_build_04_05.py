@@ -11,7 +11,7 @@ to the "RDS sharpness" values λ_k = E_B[ln σ_k(I − ηH_B)], estimated at the
 K random minibatches: z_B = sorted ln|1 − η eig(H_B)|, averaged index by index.
 
 Here we train a small MLP with SGD on a grid of learning rates η and batch sizes B with the sweep
-runner `experiments.sweep.run_sweep`, and ask whether SD tracks the **generalization gap**
+runner `rdsim_experiments.sweep.run_sweep`, and ask whether SD tracks the **generalization gap**
 (train − test accuracy) better than the baselines λ₁ (top RDS sharpness), λ_max(H) and tr(H).
 
 `RDSIM_SMOKE=1` shrinks everything (2 × 2 grid, a few hundred steps) so that the notebook only
@@ -27,7 +27,7 @@ tr(H) by Hutchinson, SD "exact" over `n_batches` minibatches).
 '''),
     code('''
 import tempfile
-import experiments.sweep
+import rdsim_experiments.sweep
 
 if SMOKE:
     LRS, BSS, SEEDS, STEPS, N_TRAIN, SD_BATCHES, WIDTH = [0.05, 0.2], [16, 64], [0], 200, 128, 4, 8
@@ -94,7 +94,7 @@ else:
     OUT = Path("sweep-04")
     resume = OUT.exists()
 t0 = time.time()
-res = experiments.sweep.run_sweep(CONFIG, OUT, resume=resume, executor="local", workers=1, progress=False)
+res = rdsim_experiments.sweep.run_sweep(CONFIG, OUT, resume=resume, executor="local", workers=1, progress=False)
 print(f"{len(res.rows)} runs in {time.time() - t0:.1f} s -> {OUT}")
 '''),
     md('''

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from experiments.cli import main
+from rdsim_experiments.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments.reproduce import run_experiment
+from rdsim_experiments.reproduce import run_experiment
 
 KEYS = {
     "dln": ["eta_star", "sweep", "uv_periods", "balancing", "rotation", "flattening", "checks"],

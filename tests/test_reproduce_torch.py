@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
-from experiments import cli  # noqa: E402
-from experiments.reproduce import EXPERIMENTS, run_experiment  # noqa: E402
+from rdsim_experiments import cli  # noqa: E402
+from rdsim_experiments.reproduce import EXPERIMENTS, run_experiment  # noqa: E402
 
 VERDICTS = {"agrees", "partly", "disagrees", "inconclusive"}
 

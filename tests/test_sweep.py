@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import cli
-from experiments.sweep import (EXAMPLE_CONFIG, SweepConfigError, SweepExistsError, find_line, parse_config, run_id,
+from rdsim_experiments import cli
+from rdsim_experiments.sweep import (EXAMPLE_CONFIG, SweepConfigError, SweepExistsError, find_line, parse_config, run_id,
                          run_sweep)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_kill_and_resume_gives_identical_table(tmp_path, reference4):
     cfg = tmp_path / "grid4.toml"
     cfg.write_text(GRID4)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "experiments.cli", "sweep", str(cfg), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "rdsim_experiments.cli", "sweep", str(cfg), "--out", str(out), "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

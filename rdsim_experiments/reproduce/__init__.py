@@ -28,12 +28,12 @@ __all__ = ["EXPERIMENTS", "ExperimentExistsError", "Store", "list_experiments", 
 
 #: command-line name -> module (in run order)
 EXPERIMENTS = {
-    "eos": "experiments.reproduce.eos",
-    "sd-generalization": "experiments.reproduce.sd_generalization",
-    "grokking": "experiments.reproduce.grokking",
-    "dln": "experiments.reproduce.dln",
-    "fractal": "experiments.reproduce.fractal",
-    "ladder": "experiments.reproduce.ladder",
+    "eos": "rdsim_experiments.reproduce.eos",
+    "sd-generalization": "rdsim_experiments.reproduce.sd_generalization",
+    "grokking": "rdsim_experiments.reproduce.grokking",
+    "dln": "rdsim_experiments.reproduce.dln",
+    "fractal": "rdsim_experiments.reproduce.fractal",
+    "ladder": "rdsim_experiments.reproduce.ladder",
 }
 
 

@@ -157,7 +157,7 @@ def _list_systems(_args) -> int:
 
 
 def _sweep(args) -> int:
-    from experiments.sweep import EXAMPLE_CONFIG, SweepExistsError, run_sweep
+    from rdsim_experiments.sweep import EXAMPLE_CONFIG, SweepExistsError, run_sweep
 
     if args.example:
         print(EXAMPLE_CONFIG, end="")
@@ -179,13 +179,13 @@ def _sweep(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from experiments.reproduce import list_experiments, run_experiment
+    from rdsim_experiments.reproduce import list_experiments, run_experiment
 
     if args.list or args.name is None:
         for name, title in list_experiments():
             print(f"{name:20s} {title}")
         return 0 if args.list else 2
-    from experiments.reproduce import ExperimentExistsError
+    from rdsim_experiments.reproduce import ExperimentExistsError
 
     try:
         run_experiment(args.name, args.out, quick=args.quick, resume=args.resume, overwrite=args.overwrite)
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from experiments.demo import eos_map
+            from rdsim_experiments.demo import eos_map
 
             eos_map(Path(args.out), quick=args.quick)
             return 0
