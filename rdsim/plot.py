@@ -308,17 +308,24 @@ def exponents_vs_lr(lrs, exponents, stderr=None, *, threshold=None, threshold_la
         labels = [f"λ{_sub(i + 1)}" for i in range(k)]
     elif len(labels) != k:
         raise ValueError(f"labels: expected {k} labels (one per exponent), got {len(labels)}")
+    curves = [(labels[i], ex[:, i], None if se is None else se[:, i], "o", 3) for i in range(k)]
+    return _curves_vs_lr(ax, lrs, curves, "exponent λᵢ (per step)", threshold, threshold_label, logx, zero_line=True)
+
+
+def _curves_vs_lr(ax, lrs, curves, ylabel, threshold, threshold_label, logx, zero_line=False):
+    """Draw (label, values, stderr or None, marker, marker size) curves against the sorted lrs."""
     ax = _new_axes(ax)
     order = np.argsort(lrs, kind="stable")
-    for i in range(k):
-        ax.errorbar(lrs[order], ex[order, i], yerr=None if se is None else se[order, i], marker="o", ms=3,
-                    lw=1.2, capsize=2, label=labels[i])
-    ax.axhline(0.0, color="0.6", lw=0.8)
+    for label, y, e, marker, ms in curves:
+        ax.errorbar(lrs[order], y[order], yerr=None if e is None else e[order], marker=marker, ms=ms, lw=1.2,
+                    capsize=2, label=label)
+    if zero_line:
+        ax.axhline(0.0, color="0.6", lw=0.8)
     _mark_threshold(ax, threshold, threshold_label)
     if _auto_logx(lrs, logx):
         _set_logx(ax)
     ax.set_xlabel("learning rate η")
-    ax.set_ylabel("exponent λᵢ (per step)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize="small", loc="best")
     return ax
 
@@ -371,20 +378,9 @@ def dimensions_vs_lr(lrs, dims: Mapping[str, Sequence[float]], *, errors: Mappin
             if a.size != lrs.size:
                 raise ValueError(f"errors[{name!r}]: expected {lrs.size} values (one per lr), got {a.size}")
             errs[name] = a
-    ax = _new_axes(ax)
-    order = np.argsort(lrs, kind="stable")
     markers = "osD^v<>ph*"
-    for j, (name, a) in enumerate(vals.items()):
-        e = errs.get(name)
-        ax.errorbar(lrs[order], a[order], yerr=None if e is None else e[order], marker=markers[j % len(markers)],
-                    ms=3.5, lw=1.2, capsize=2, label=name)
-    _mark_threshold(ax, threshold, threshold_label)
-    if _auto_logx(lrs, logx):
-        _set_logx(ax)
-    ax.set_xlabel("learning rate η")
-    ax.set_ylabel("dimension")
-    ax.legend(fontsize="small", loc="best")
-    return ax
+    curves = [(name, a, errs.get(name), markers[j % len(markers)], 3.5) for j, (name, a) in enumerate(vals.items())]
+    return _curves_vs_lr(ax, lrs, curves, "dimension", threshold, threshold_label, logx)
 
 
 # -------------------------------------------------------------------------------------------------
