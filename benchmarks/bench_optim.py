@@ -1,9 +1,10 @@
-"""Optimizers as random maps (issue: optimizers on toy losses and networks).
+"""Optimizers as random maps (torch backend and numba optimizer maps).
 
 Prints, in one run:
   (a) torch backend: time per step of the Lyapunov run of SGD on an MLP (~26k parameters, batch
-      128, CPU) with k = 1, 4, 16, 32 tangents, as a ratio to a plain torch.optim.SGD step (the
-      floor is about 1 + 1.5k: one forward-over-reverse JVP per tangent);
+      128, CPU) with k = 1, 4, 16, 32 tangents, eager and compiled (``compile=True``), as a ratio
+      to a plain torch.optim.SGD step timed beside it; per-step costs from two run lengths
+      (marginal) and end to end;
   (b) batched tangents (one vmap over k) vs a Python loop over the tangents (chunk_size=1), k = 16;
   (c) numba backend: steps/s of optimizer maps on a diagonal linear network with d = 60 parameters.
 """
@@ -35,7 +36,14 @@ def best_of(fn, repeats=3):
     return best
 
 
-def torch_part():
+def _marginal(fn_run, n_short, n_long, repeats=2):
+    """(per-step seconds from the difference of two run lengths, end-to-end per-step seconds of the long run)."""
+    t_short = best_of(lambda: fn_run(n_short), repeats)
+    t_long = best_of(lambda: fn_run(n_long), repeats)
+    return (t_long - t_short) / (n_long - n_short), t_long / n_long
+
+
+def torch_part(compiled=True, ks=(1, 4, 16, 32)):
     g = torch.Generator().manual_seed(0)
     n, b = 1024, 128
     X = torch.randn(n, 64, generator=g)
@@ -60,26 +68,54 @@ def torch_part():
             opt.step()
 
     plain()
-    t_plain = best_of(plain) / n_plain
     print(f"(a) SGD on an MLP 64-128-128-10 (tanh), {n_params:,} parameters, batch {b}, float32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"    plain torch.optim.SGD step: {t_plain * 1e3:.2f} ms")
-    print(f"    {'k':>3s} {'ms/step':>9s} {'ratio':>7s} {'floor 1+1.5k':>13s}")
-    times = {}
-    for k in (1, 4, 16, 32):
-        system = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
-        n_steps = 30 if k <= 4 else 12
-        rdsim.lyapunov_spectrum(system, None, 2, k=k)
-        t = best_of(lambda: rdsim.lyapunov_spectrum(system, None, n_steps, k=k), repeats=2) / n_steps
-        times[k] = t
-        print(f"    {k:3d} {t * 1e3:9.2f} {t / t_plain:7.1f} {1 + 1.5 * k:13.1f}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; QR: CholeskyQR2 in float64")
+    print("    lyapunov_spectrum per step / plain torch.optim.SGD step, measured side by side (the plain step")
+    print("    is re-timed next to each row); 'marginal' = from two run lengths (no set-up), 'e2e' = end to end")
+    hdr = f"    {'k':>3s} {'plain ms':>9s} {'eager ms':>9s} {'eager x':>8s} {'e2e x':>6s}"
+    if compiled:
+        hdr += f" {'compiled ms':>12s} {'compiled x':>11s} {'compile s':>10s}"
+    print(hdr)
+    out = {}
+    systems = {}
+    for k in ks:
+        eager = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
+        rdsim.lyapunov_spectrum(eager, None, 2, k=k)
+        n_short, n_long = (20, 80) if k <= 4 else (10, 40)
+        t_plain = best_of(plain) / n_plain
+        m_e, e2e_e = _marginal(lambda m: rdsim.lyapunov_spectrum(eager, None, m, k=k), n_short, n_long)
+        row = f"    {k:3d} {t_plain * 1e3:9.2f} {m_e * 1e3:9.2f} {m_e / t_plain:8.1f} {e2e_e / t_plain:6.1f}"
+        out[k] = {"plain": t_plain, "eager": m_e}
+        if compiled:
+            comp = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, compile=True)
+            t0 = time.perf_counter()
+            rdsim.lyapunov_spectrum(comp, None, 2, k=k)
+            t_compile = time.perf_counter() - t0
+            m_c, _ = _marginal(lambda m: rdsim.lyapunov_spectrum(comp, None, m, k=k), n_short, n_long)
+            t_plain2 = best_of(plain) / n_plain
+            t_plain = min(t_plain, t_plain2)
+            row = f"    {k:3d} {t_plain * 1e3:9.2f} {m_e * 1e3:9.2f} {m_e / t_plain:8.1f} {e2e_e / t_plain:6.1f}"
+            row += f" {m_c * 1e3:12.2f} {m_c / t_plain:11.1f} {t_compile:10.1f}"
+            out[k].update(compiled=m_c, compile_s=t_compile, plain=t_plain)
+            systems[k] = comp
+        print(row)
+    if 16 in out:
+        goals = f"    goals: k = 16 <= 10x eager ({out[16]['eager'] / out[16]['plain']:.1f}x)"
+        if compiled:
+            goals += f", <= 8x compiled ({out[16]['compiled'] / out[16]['plain']:.1f}x)"
+        if 32 in out:
+            best32 = min(out[32]["eager"], out[32].get("compiled", np.inf))
+            goals += f"; k = 32 <= 18x ({best32 / out[32]['plain']:.1f}x)"
+        print(goals)
 
     k = 16
-    looped = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, chunk_size=1)
-    rdsim.lyapunov_spectrum(looped, None, 2, k=k)
-    t_loop = best_of(lambda: rdsim.lyapunov_spectrum(looped, None, 12, k=k), repeats=2) / 12
-    print(f"(b) k = 16: batched {times[16] * 1e3:.1f} ms/step, Python loop over tangents "
-          f"{t_loop * 1e3:.1f} ms/step: batched is {t_loop / times[16]:.2f}x faster")
+    if k in ks:
+        looped = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, chunk_size=1)
+        rdsim.lyapunov_spectrum(looped, None, 2, k=k)
+        t_loop, _ = _marginal(lambda m: rdsim.lyapunov_spectrum(looped, None, m, k=k), 4, 16)
+        print(f"(b) k = 16: batched {out[16]['eager'] * 1e3:.1f} ms/step, Python loop over tangents "
+              f"{t_loop * 1e3:.1f} ms/step: batched is {t_loop / out[16]['eager']:.2f}x faster")
+    return out
 
 
 def numba_part():

@@ -9,6 +9,7 @@ with ``torch.func.vmap``. The QR loop of :func:`rdsim.lyapunov_spectrum` runs on
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Callable
 
@@ -20,30 +21,16 @@ from torch.func import functional_call, grad_and_value, jvp, vmap
 from .._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE
 from .._systems import AbstractSystem
 from ..optim import OptimizerSpec, noise_sampler
+from . import _update as _upd
 from ._hessian import lanczos
+from ._qr import cholqr_rows, householder_rows
 
 __all__ = ["OptimizerMap"]
 
-_mul = torch.ops.aten.mul.Scalar
-_div = torch.ops.aten.div.Scalar
-_adds = torch.ops.aten.add.Scalar
-
-#: steps between the host's looks at the device-side divergence flag inside ``_run_phase``
+#: steps per window of ``_run_phase``: the host looks at the device once per window
 SYNC_EVERY = 64
-#: noise rows moved to the device at a time inside ``_run_phase``
-NOISE_ROWS = 1024
 
 _RECORD_KINDS = ("loss", "batch_loss", "sharpness", "checkpoints")
-
-
-def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    """sqrt(v) for v >= 0 whose derivative at v = 0 is taken as 0 (as the numba Adam map does).
-
-    The value is exactly ``torch.sqrt(v)``; only the derivative differs, and only at v = 0, where a
-    coordinate with zero gradient and zero second moment would otherwise produce inf * 0 = nan.
-    """
-    pos = v > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, v, 1.0)), 0.0)
 
 
 def _dropout_modules(model: nn.Module):
@@ -54,6 +41,20 @@ def _dropout_modules(model: nn.Module):
             yield name or type(mod).__name__, mod
         elif isinstance(mod, nn.MultiheadAttention) and mod.dropout > 0:
             yield name or type(mod).__name__, mod
+
+
+QR_METHODS = ("cholesky", "householder")
+
+
+def hyper_from_spec(spec: OptimizerSpec) -> _upd.Hyper:
+    """The per-step hyperparameters of :mod:`rdsim.torch._update` for an :mod:`rdsim.optim` spec."""
+    if spec.kind in ("gd", "sgd"):
+        return _upd.Hyper("sgd", spec.lr)
+    if spec.kind == "momentum":
+        return _upd.Hyper("momentum", spec.lr, momentum=spec.beta)
+    wd = spec.weight_decay
+    return _upd.Hyper("adam", spec.lr, weight_decay=0.0 if spec.decoupled else wd, beta1=spec.beta1,
+                      beta2=spec.beta2, eps=spec.eps, decoupled_wd=wd if spec.decoupled else 0.0)
 
 
 class OptimizerMap(AbstractSystem):
@@ -85,10 +86,18 @@ class OptimizerMap(AbstractSystem):
     ValueError at construction, where one tangent is pushed as a check.
 
     In :func:`rdsim.lyapunov_spectrum` the loop runs on the map's device (:meth:`_run_phase`):
-    state and tangent block stay there, the QR is ``torch.linalg.qr`` in float64 and the logs
-    are accumulated in float64 on the device; the host looks at a device-side divergence flag
-    every 64 steps. A non-finite loss or state is status "diverged" (state), a non-finite or
-    rank-deficient block likewise (tangent), with the step index, never an exception.
+    state and tangent block stay there in the map's dtype; per step one batched tangent push and,
+    every ``qr_every`` steps, one thin QR with float64 Gram and Cholesky factors (``qr="cholesky"``,
+    checked on every step and redone with Householder when the block is ill-conditioned;
+    ``qr="householder"`` always uses Householder); the logs |R_ii| accumulate in float64 on the
+    device. The host looks at the device once per window of 64 steps; a non-finite loss, state
+    or block (or a rank-deficient block) inside a window is located by replaying the window from
+    a snapshot, and reported as status "diverged" with the step index, never an exception.
+
+    ``compile=True`` runs the update and its tangent through ``torch.compile`` (inductor; one
+    compilation per block size k, a few seconds to a minute on a CPU, more for large models);
+    results equal the eager ones to rounding. If compilation fails the map warns once and runs
+    eagerly (``system.compile_error`` says why).
 
     Modes (the model's own ``training`` flags at construction decide, module by module; a run
     refuses to start if they changed since):
@@ -125,6 +134,8 @@ class OptimizerMap(AbstractSystem):
         chunk_size: tangent vectors per vmapped jvp (None: the whole block at once); bounds memory.
         tangent: "exact" or "frozen" (Adam only).
         record: see above.
+        compile: run the update and its tangent through ``torch.compile`` (see above).
+        qr: "cholesky" (default) or "householder" (see above).
 
     Attributes:
         dim, noise_dim, tangent_dim, dt, name, backend: the :class:`rdsim.AbstractSystem` interface.
@@ -162,7 +173,7 @@ class OptimizerMap(AbstractSystem):
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, optimizer: OptimizerSpec, *,
                  device=None, dtype=None, chunk_size: int | None = None, tangent: str = "exact",
-                 record=None):
+                 record=None, compile: bool = False, qr: str = "cholesky"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -250,8 +261,25 @@ class OptimizerMap(AbstractSystem):
         self.records: dict[str, list] = {}
         self._run_noise = None
         self._run_step = 0
+        self._hyper = hyper_from_spec(optimizer)
+        if qr not in QR_METHODS:
+            raise ValueError(f"qr: expected one of {QR_METHODS}, got {qr!r}")
+        self.qr = qr
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile: expected True or False, got {type(compile).__name__}")
+        self._compiled = None
+        self.compile_error: str | None = None
 
         self._probe()
+        if compile:
+            self._compiled = torch.compile(self._advance_eager, dynamic=False)
+
+    def _compile_failed(self, err: BaseException) -> None:
+        self._compiled = None
+        self.compile_error = f"{type(err).__name__}: {err}"
+        first_line = self.compile_error.splitlines()[0][:300]
+        warnings.warn(f"compile=True: torch.compile could not compile the update and its tangent "
+                      f"({first_line}); running eagerly instead", RuntimeWarning, stacklevel=3)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
@@ -379,80 +407,69 @@ class OptimizerMap(AbstractSystem):
         return self.inputs.index_select(0, idx), self.targets.index_select(0, idx)
 
     def _grad(self, x, xb, yb):
-        """(gradient of L_B at x (+ L2 decay for Adam), loss)."""
-        g, loss = grad_and_value(self._loss)(x, xb, yb)
-        spec = self.spec
-        if spec.kind == "adam" and spec.weight_decay and not spec.decoupled:
-            g = torch.add(g, x, alpha=spec.weight_decay)
-        return g, loss
-
-    def _from_grad(self, z, g, t):
-        """The optimizer's update of the state z given the gradient g, op for op as torch.optim.
-
-        Scalar factors go through the ``.Scalar`` overloads (``_mul``, ``_div``, ``_adds``) or
-        ``alpha=``/``value=`` arguments: inside ``jvp`` a Python number multiplying a dual tensor
-        takes a slow path (an efficient-zero tangent whose shape is computed by a Python meta
-        function, about 0.3 ms per op), while these forms have plain formulas.
-        """
-        spec, d = self.spec, self.n_params
-        x = z[:d]
-        if spec.kind in ("gd", "sgd"):
-            return torch.add(x, g, alpha=-spec.lr)  # p.add_(grad, alpha=-lr)
-        if spec.kind == "momentum":
-            m = torch.add(_mul(z[d:], spec.beta), g)  # buf.mul_(momentum).add_(grad)
-            return torch.cat([torch.add(x, m, alpha=-spec.lr), m])
-        m, v = z[d:2 * d], z[2 * d:]
-        if spec.weight_decay and spec.decoupled:
-            x = _mul(x, 1.0 - spec.lr * spec.weight_decay)  # param.mul_(1 - lr * wd)
-        m = torch.lerp(m, g, 1.0 - spec.beta1)  # exp_avg.lerp_(grad, 1 - beta1)
-        v = torch.addcmul(_mul(v, spec.beta2), g, g, value=1.0 - spec.beta2)
-        bias_correction1 = 1.0 - spec.beta1 ** t
-        bias_correction2 = 1.0 - spec.beta2 ** t
-        step_size = spec.lr / bias_correction1
-        denom = _adds(_div(_safe_sqrt(v), bias_correction2 ** 0.5), spec.eps)
-        x = torch.add(x, torch.div(m, denom), alpha=-step_size)  # param.addcdiv_(m, denom, value=-step_size)
-        return torch.cat([x, m, v])
+        """(gradient of the minibatch loss L_B at x, loss); weight decay belongs to the update."""
+        return grad_and_value(self._loss)(x, xb, yb)
 
     def _update(self, z, xb, yb, t):
-        """f(z, B, t) and the minibatch loss (as aux)."""
+        """f(z, B, t) and the minibatch loss."""
         g, loss = self._grad(z[:self.n_params], xb, yb)
-        return self._from_grad(z, g, t), loss
+        return _upd.update(self._hyper, z, g, t), loss
 
-    def _push(self, fn, primal, Vt, yb):
-        """Batched forward-over-reverse products: (fn(primal), D fn(primal) v for each row v of Vt, aux).
+    def _grad_hvp(self, x, Vx, xb, yb):
+        """(g, H_B V, loss): the gradient at x and the loss Hessian applied to the rows of Vx (k, d).
 
-        ``fn(primal, targets) -> (out, aux)``. Floating targets enter the jvp as primals with
-        explicit zero tangents: losses such as ``F.mse_loss`` fail under forward-over-reverse when
-        the target has no tangent ("ZeroTensors are immutable"), and mixed dual/plain arithmetic
-        is slower than dual/dual. The rows of Vt are pushed in chunks of ``chunk_size``.
+        Batched forward-over-reverse products, ``vmap`` over ``jvp(grad)`` in chunks of
+        ``chunk_size`` rows. Floating targets enter the jvp as primals with explicit zero
+        tangents: losses such as ``F.mse_loss`` fail under forward-over-reverse when the target
+        has no tangent ("ZeroTensors are immutable"), and mixed dual/plain arithmetic is slower.
         """
-        k = Vt.shape[0]
+        k = Vx.shape[0]
         cs = self.chunk_size or k
         dual_t = yb.is_floating_point()
         ty = torch.zeros_like(yb) if dual_t else None
+        gfn = grad_and_value(self._loss)
 
         def push(v):
             if dual_t:
-                return jvp(fn, (primal, yb), (v, ty), has_aux=True)
-            return jvp(lambda p: fn(p, yb), (primal,), (v,), has_aux=True)
+                return jvp(lambda xx, yy: gfn(xx, xb, yy), (x, yb), (v, ty), has_aux=True)
+            return jvp(lambda xx: gfn(xx, xb, yb), (x,), (v,), has_aux=True)
 
         outs = []
         for s in range(0, k, cs):
-            out, tv, aux = vmap(push, out_dims=(None, 0, None))(Vt[s:s + cs])
-            outs.append(tv)
-        self.n_jvp += k
-        return out, (outs[0] if len(outs) == 1 else torch.cat(outs)), aux
+            g, hv, loss = vmap(push, out_dims=(None, 0, None))(Vx[s:s + cs])
+            outs.append(hv)
+        return g, (outs[0] if len(outs) == 1 else torch.cat(outs)), loss
+
+    def _advance_eager(self, z, Vt, xb, yb, t):
+        """(f(z), Df(z) V, loss) for a (k, tangent_dim) block Vt of tangent rows.
+
+        Exact tangent: one batched HVP block H_B V_x, then the derivative of the update with
+        respect to (z, g) applied to (V, H_B V_x) (:func:`rdsim.torch._update.tangent`).
+        ``tangent="frozen"`` (Adam only): V' = (1 - lr wd_decoupled) V - lr (H V + wd_L2 V) / (sqrt(v_hat') + eps).
+        """
+        d, h = self.n_params, self._hyper
+        g, HV, loss = self._grad_hvp(z[:d], Vt[:, :d], xb, yb)
+        z_new = _upd.update(h, z, g, t)
+        if self.tangent_kind == "exact":
+            return z_new, _upd.tangent(h, z, g, Vt, HV, t), loss
+        if h.weight_decay:
+            HV = torch.add(HV, Vt, alpha=h.weight_decay)
+        den = torch.sqrt(z_new[2 * d:] / (1.0 - h.beta2 ** t)) + h.eps
+        shrink = 1.0 - h.lr * h.decoupled_wd
+        return z_new, shrink * Vt - h.lr * (HV / den), loss
 
     def _advance(self, z, Vt, xb, yb, t):
-        """(f(z), Df(z) V, loss) for a (k, tangent_dim) block Vt of tangent vectors (rows)."""
-        if self.tangent_kind == "exact":
-            return self._push(lambda zz, yy: self._update(zz, xb, yy, t), z, Vt, yb)
-        spec, d = self.spec, self.n_params
-        g, HV, loss = self._push(lambda xx, yy: self._grad(xx, xb, yy), z[:d], Vt, yb)  # (H + l2 I) V
-        z_new = self._from_grad(z, g, t)
-        den = torch.sqrt(z_new[2 * d:] / (1.0 - spec.beta2 ** t)) + spec.eps
-        shrink = 1.0 - spec.lr * spec.weight_decay if spec.decoupled else 1.0
-        return z_new, shrink * Vt - spec.lr * (HV / den), loss
+        """(f(z), Df(z) V, loss); through ``torch.compile`` when the map was built with compile=True."""
+        if self._compiled is not None:
+            try:
+                out = self._compiled(z, Vt, xb, yb, torch.as_tensor(float(t), dtype=torch.float64, device=self.device))
+            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+                self._compile_failed(err)
+            else:
+                self.n_jvp += Vt.shape[0]
+                return out
+        self.n_jvp += Vt.shape[0]
+        return self._advance_eager(z, Vt, xb, yb, t)
 
     # -- the AbstractSystem interface ------------------------------------------------------------
     @property
@@ -557,16 +574,9 @@ class OptimizerMap(AbstractSystem):
         x = zt[:self.n_params].detach()
         xb, yb = self.inputs, self.targets
 
-        def gfn(xx, yy):
-            g, loss = grad_and_value(self._loss)(xx, xb, yy)
-            return g, loss
-
         def hvp(V):  # (n, k) float64 -> H V
             self.n_hvp += V.shape[1]
-            n_jvp = self.n_jvp
-            out = self._push(gfn, x, V.T.to(self.dtype), yb)[1]
-            self.n_jvp = n_jvp
-            return out.T
+            return self._grad_hvp(x, V.T.to(self.dtype), xb, yb)[1].T
 
         return float(lanczos(hvp, 1, n=self.n_params, n_iter=n_iter, seed=seed, device=self.device).eigenvalues[0])
 
@@ -614,125 +624,161 @@ class OptimizerMap(AbstractSystem):
     # -- the QR loop on the device ---------------------------------------------------------------
     def _run_phase(self, x, Q, noise, n_total, qr_every, accumulate, n_blocks, record_every, state,
                    hist_count, bar):
-        """The loop of :func:`rdsim._lyapunov._run_python` with state and tangent block kept on the device.
+        """The loop of :func:`rdsim._lyapunov._run_python`, kept on the map's device.
 
         Same algorithm, bookkeeping and return values; ``x``, ``Q`` and the numpy accumulators in
-        ``state`` are updated at the end. The state z stays in the map's dtype; the block Q and the
-        log accumulators are float64 tensors, QR by ``torch.linalg.qr`` in float64 on the device.
-        Divergence is tracked by device-side flags (a failed step freezes the state, the block and
-        the accumulators), looked at by the host every :data:`SYNC_EVERY` steps and at the end,
-        so the loop does not wait for the device at every step.
+        ``state`` are updated at the end. The state z and the block (k rows) stay in the map's
+        dtype; the block is factorised with float64 Gram and Cholesky factors on the device
+        (:func:`rdsim.torch._qr.cholqr_rows`; Householder in float64 with ``qr="householder"``),
+        and the logs |R_ii| are accumulated in float64 on the device.
+
+        Per step the loop does one batched tangent push and, every ``qr_every`` steps, one QR;
+        minibatches are gathered on the device once per window of :data:`SYNC_EVERY` steps from
+        the pre-drawn indices. Nothing waits for the device inside a window: at its end the host
+        looks once at the finiteness of the state, the block, the sums and the losses, and at the
+        health of the Cholesky QR factorisations. If anything failed, the window is replayed from
+        a snapshot taken at its start, step by step with checks and Householder QR, which finds
+        the exact step of a divergence (status "diverged", the state and block before it), or
+        recovers from an ill-conditioned block (the rest of the phase then uses Householder).
         """
         self._check_modes()
         self._start_run(noise)
         dev, f64 = self.device, torch.float64
-        rec = bool(self._records_spec)
-        has_batch_loss = "batch_loss" in self._records_spec
-        z = self._state_tensor(x).clone()
-        Qd = torch.as_tensor(np.ascontiguousarray(Q)).to(device=dev, dtype=f64).clone()
-        k = Qd.shape[1]
-        sums = torch.as_tensor(state["sums"]).to(dev).clone()
-        bsums = torch.as_tensor(state["block_sums"]).to(dev).clone()
-        hist_dev = torch.zeros((state["hist"].shape[0], k), dtype=f64, device=dev)
-        hist0 = hist_count
-        alive = torch.ones((), dtype=torch.bool, device=dev)
-        fail_step = torch.full((), -1, dtype=torch.int64, device=dev)
-        fail_code = torch.zeros((), dtype=torch.int64, device=dev)
-        events = []  # host bookkeeping since the last sync: (g, kind, payload)
-        n_pending_hist = 0
-        committed_bsteps = state["block_steps"]
-        adam = self.spec.kind == "adam"
-        off = 1 if adam else 0
-        since_qr = 0
-        done = 0
-        last_sync = 0
-        status, fail_at = OK, -1
         run_step0 = self._run_step
-
-        def reconcile(upto):
-            nonlocal hist_count, n_pending_hist
-            for g, kind, payload in events:
-                if g >= upto:
-                    continue
-                if kind == "bsteps":
-                    committed_bsteps[payload[0]] += payload[1]
-                elif kind == "hist":
-                    state["hist_steps"][hist_count] = payload
-                    hist_count += 1
-                elif kind == "qr":
-                    state["n_qr"] = state.get("n_qr", 0) + 1
-            events.clear()
-            n_pending_hist = 0
-
-        while done < n_total and status == OK:
-            n = min(NOISE_ROWS, n_total - done)
-            xi_host = noise.take(n)
-            t_host = xi_host[:, 0] if adam else None
-            idx_dev = None
-            if self._b:
-                idx_dev = torch.as_tensor(xi_host[:, off:].astype(np.int64)).to(dev)
-            for r in range(n):
-                g = done
-                xb, yb = self._batch(None if idx_dev is None else idx_dev[r])
-                t = float(t_host[r]) if adam else 1.0
-                Vt = Qd.T.to(self.dtype)
-                z_new, TV, loss = self._advance(z, Vt, xb, yb, t)
-                if rec:
-                    self._record(run_step0 + g, z, loss if has_batch_loss else None)
-                ok_state = torch.isfinite(z_new).all() & torch.isfinite(loss)
-                newly = alive & ~ok_state
-                fail_step = torch.where(newly, g, fail_step)
-                fail_code = torch.where(newly, STATE_NONFINITE, fail_code)
-                alive = alive_s = alive & ok_state
-                z = torch.where(alive_s, z_new.detach(), z)
-                V64 = TV.detach().T.to(f64)
-                since_qr += 1
-                done += 1
-                last = done == n_total
-                if since_qr == qr_every or last:
-                    finite_V = torch.isfinite(V64).all()
-                    q, rr = torch.linalg.qr(torch.where(alive_s & finite_V, V64, Qd))
-                    rd = rr.diagonal().abs()
-                    ok_t = finite_V & (rd > 0).all() & torch.isfinite(rd).all()
-                    newly = alive_s & ~ok_t
-                    fail_step = torch.where(newly, g, fail_step)
-                    fail_code = torch.where(newly, TANGENT_NONFINITE, fail_code)
-                    alive = alive_s & ok_t
-                    Qd = torch.where(alive, q, Qd)
-                    events.append((g, "qr", None))
-                    if accumulate:
-                        b = (g * n_blocks) // n_total
-                        lr = torch.where(alive, torch.log(rd), torch.zeros_like(rd))
-                        sums += lr
-                        bsums[b] += lr
-                        events.append((g, "bsteps", (b, since_qr)))
-                        if record_every > 0 and (done % record_every == 0 or last):
-                            slot = hist_count + n_pending_hist
-                            if slot < hist_dev.shape[0]:
-                                hist_dev[slot] = sums / done
-                                events.append((g, "hist", done))
-                                n_pending_hist += 1
-                    since_qr = 0
-                else:
-                    Qd = torch.where(alive_s, V64, Qd)
-                if done - last_sync >= SYNC_EVERY or last:
-                    if bar is not None:
-                        bar.update(done - last_sync)
-                    last_sync = done
-                    if not bool(alive):
-                        status, fail_at = int(fail_code), int(fail_step)
-                        reconcile(fail_at)
-                        break
-                    reconcile(n_total + 1)
-        if status == OK and rec and accumulate:
-            self._record(run_step0 + n_total, z)
-        if status != OK:
+        ls = _LoopState(
+            z=self._state_tensor(x).clone(),
+            Q=torch.as_tensor(np.ascontiguousarray(Q.T)).to(device=dev, dtype=self.dtype).clone(),
+            sums=torch.as_tensor(state["sums"]).to(dev).clone(),
+            bsums=torch.as_tensor(state["block_sums"]).to(dev).clone(),
+            bsteps=np.array(state["block_steps"], dtype=np.float64),
+            hist_steps=np.array(state["hist_steps"]), hist_count=hist_count)
+        hist_dev = torch.zeros((state["hist"].shape[0], ls.Q.shape[0]), dtype=f64, device=dev)
+        hist0 = hist_count
+        householder = self.qr == "householder"
+        args = (n_total, qr_every, accumulate, n_blocks, record_every, hist_dev, run_step0)
+        done, status, fail_at = 0, OK, -1
+        while done < n_total:
+            n = min(SYNC_EVERY, n_total - done)
+            xi = noise.take(n)
+            snapshot = ls.copy()
+            status, fail_at = self._window(ls, xi, done, *args, careful=False, householder=householder)
+            if status != OK:  # replay the window with checks at every step
+                ls = snapshot
+                if self._records_spec:
+                    self._trim_records(run_step0 + done - 1)
+                status, fail_at = self._window(ls, xi, done, *args, careful=True, householder=True)
+                if status != OK:
+                    break
+                householder = True
+            done += n
+            if bar is not None:
+                bar.update(n)
+        if status == OK and self._records_spec and accumulate:
+            self._record(run_step0 + n_total, ls.z)
+        if status != OK and self._records_spec:
             self._trim_records(run_step0 + fail_at)
         self._run_step = run_step0 + (n_total if status == OK else fail_at)
-        x[:] = z.to(f64).cpu().numpy()
-        Q[:, :] = Qd.cpu().numpy()
-        state["sums"][:] = sums.cpu().numpy()
-        state["block_sums"][:, :] = bsums.cpu().numpy()
+        self.qr_fallback = householder and self.qr != "householder"
+        x[:] = ls.z.to(f64).cpu().numpy()
+        Q[:, :] = ls.Q.T.to(f64).cpu().numpy()
+        state["sums"][:] = ls.sums.cpu().numpy()
+        state["block_sums"][:, :] = ls.bsums.cpu().numpy()
+        state["block_steps"][:] = ls.bsteps
+        state["hist_steps"][:] = ls.hist_steps
+        state["n_qr"] = state.get("n_qr", 0) + ls.n_qr
+        hist_count = ls.hist_count
         if hist_count > hist0:
             state["hist"][hist0:hist_count] = hist_dev[hist0:hist_count].cpu().numpy()
         return status, fail_at, hist_count
+
+    def _window(self, ls, xi, g0, n_total, qr_every, accumulate, n_blocks, record_every, hist_dev,
+                run_step0, *, careful, householder):
+        """Steps g0 .. g0 + len(xi) - 1 of a phase; updates ``ls``. Returns (status, failing step).
+
+        ``careful=False``: no host synchronisation until the end, where one combined check
+        returns (RETRY, -1) if anything is non-finite or a Cholesky QR was flagged (``ls`` is
+        then partly advanced and must be discarded). ``careful=True``: checks after every step
+        and returns the status of the first failure, with ``ls`` as it was before that step
+        (the state advanced if only the tangent block failed, as the reference loop does).
+        """
+        n = xi.shape[0]
+        dev, f64 = self.device, torch.float64
+        adam = self.spec.kind == "adam"
+        if self._b:
+            idx = torch.as_tensor(xi[:, (1 if adam else 0):].astype(np.int64)).to(dev)
+            Xw, Yw = self.inputs[idx], self.targets[idx]  # (n, b, ...): one gather per window
+        rec = bool(self._records_spec)
+        batch_loss_rec = "batch_loss" in self._records_spec
+        losses, health = [], []
+        for r in range(n):
+            g = g0 + r
+            xb, yb = (Xw[r], Yw[r]) if self._b else (self.inputs, self.targets)
+            t = float(xi[r, 0]) if adam else 1.0
+            z_new, TV, loss = self._advance(ls.z, ls.Q, xb, yb, t)
+            if rec:
+                self._record(run_step0 + g, ls.z, loss if batch_loss_rec else None)
+            if careful:
+                if not bool(torch.isfinite(z_new).all() & torch.isfinite(loss)):
+                    return STATE_NONFINITE, g
+            else:
+                losses.append(loss.detach())
+            ls.z = z_new.detach()
+            V = TV.detach()
+            ls.since_qr += 1
+            last = g + 1 == n_total
+            if ls.since_qr == qr_every or last:
+                if careful and not bool(torch.isfinite(V).all()):
+                    return TANGENT_NONFINITE, g
+                if householder:
+                    Qn, logd = householder_rows(V, self.dtype)
+                else:
+                    Qn, logd, ok = cholqr_rows(V)
+                    health.append(ok)
+                if careful and not bool(torch.isfinite(logd).all()):  # |R_ii| = 0 gives -inf
+                    return TANGENT_NONFINITE, g
+                ls.Q = Qn
+                ls.n_qr += 1
+                if accumulate:
+                    b = (g * n_blocks) // n_total
+                    ls.sums += logd
+                    ls.bsums[b] += logd
+                    ls.bsteps[b] += ls.since_qr
+                    done = g + 1
+                    if record_every > 0 and (done % record_every == 0 or last) and ls.hist_count < hist_dev.shape[0]:
+                        hist_dev[ls.hist_count] = ls.sums / done
+                        ls.hist_steps[ls.hist_count] = done
+                        ls.hist_count += 1
+                ls.since_qr = 0
+            else:
+                ls.Q = V
+        if careful:
+            return OK, -1
+        fine = torch.isfinite(ls.z).all() & torch.isfinite(ls.Q).all() & torch.isfinite(ls.sums).all()
+        if losses:
+            fine = fine & torch.isfinite(torch.stack(losses)).all()
+        if health:
+            fine = fine & torch.stack(health).all()
+        return (OK, -1) if bool(fine) else (_RETRY, -1)
+
+
+_RETRY = -2
+
+
+@dataclasses.dataclass
+class _LoopState:
+    """What the device loop carries from step to step (see :meth:`OptimizerMap._run_phase`)."""
+
+    z: torch.Tensor
+    Q: torch.Tensor  # (k, tangent_dim) rows in the map's dtype
+    sums: torch.Tensor
+    bsums: torch.Tensor
+    bsteps: np.ndarray
+    hist_steps: np.ndarray
+    hist_count: int
+    since_qr: int = 0
+    n_qr: int = 0
+
+    def copy(self) -> "_LoopState":
+        # z and Q are replaced, never written in place; the accumulators are written in place
+        return dataclasses.replace(self, sums=self.sums.clone(), bsums=self.bsums.clone(),
+                                   bsteps=self.bsteps.copy(), hist_steps=self.hist_steps.copy())
