@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, jvp, vmap
+from torch.func import functional_call
 
 from .._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE
 from .._systems import AbstractSystem
 from ..optim import OptimizerSpec, noise_sampler
 from . import _update as _upd
+from ._functional import FlatModel, check_no_dropout
 from ._hessian import lanczos
 from ._qr import cholqr_rows, householder_rows
 
@@ -31,16 +32,6 @@ __all__ = ["OptimizerMap"]
 SYNC_EVERY = 64
 
 _RECORD_KINDS = ("loss", "batch_loss", "sharpness", "checkpoints")
-
-
-def _dropout_modules(model: nn.Module):
-    for name, mod in model.named_modules():
-        if not mod.training:
-            continue
-        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
-            yield name or type(mod).__name__, mod
-        elif isinstance(mod, nn.MultiheadAttention) and mod.dropout > 0:
-            yield name or type(mod).__name__, mod
 
 
 QR_METHODS = ("cholesky", "householder")
@@ -71,9 +62,10 @@ class OptimizerMap(AbstractSystem):
     * update (torch.optim conventions): SGD x' = x - lr g; momentum m' = beta m + g, x' = x - lr m';
       Adam g <- g + wd x (L2; AdamW instead shrinks x by 1 - lr wd), m' = lerp(m, g, 1 - b1),
       v' = b2 v + (1 - b2) g^2, x' = x - (lr / (1 - b1^t)) m' / (sqrt(v') / sqrt(1 - b2^t) + eps);
-    * tangent: Df(z, xi) V by ``torch.func.jvp`` of the whole update with respect to the full
-      state (forward-over-reverse through ``torch.func.grad``), vmapped over the k columns of V
-      (in chunks of ``chunk_size``). ``tangent="frozen"`` (Adam only) is the labelled
+    * tangent: Df(z, xi) V exactly: one batched Hessian-vector product block H_B V_x
+      (forward-over-reverse, ``torch.func.jvp`` over ``torch.func.grad``, vmapped over the k
+      tangents in chunks of ``chunk_size``), then the derivative of the update with respect to
+      (z, g) applied to (V, H_B V_x) (:mod:`rdsim.torch._update`, shared with TrainingMonitor). ``tangent="frozen"`` (Adam only) is the labelled
       approximation V' = (1 - lr wd_decoupled) V - lr (H V + wd_L2 V) / (sqrt(v_hat') + eps) on
       the d-dimensional parameter space, exactly as the numba backend.
 
@@ -189,48 +181,17 @@ class OptimizerMap(AbstractSystem):
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
                 raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r}")
             chunk_size = int(chunk_size)
-        for name, mod in _dropout_modules(model):
-            raise ValueError(f"model: module {name!r} ({type(mod).__name__}) applies dropout in train "
-                             "mode, which makes the step random beyond the minibatch; call model.eval() "
-                             "(or set its p to 0) before building the map")
-
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("model: has no trainable parameters (requires_grad=True)")
-        if dtype is None:
-            dtype = next((p.dtype for _, p in named if p.is_floating_point()), torch.get_default_dtype())
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype: expected a floating torch dtype, got {dtype!r}")
-        device = torch.device(named[0][1].device if device is None else device)
-        self.device, self.dtype = device, dtype
+        check_no_dropout(model)
+        fm = FlatModel(model, loss_fn, dtype=dtype, device=device, copy_constants=True)
+        self._fm = fm
+        self.device, self.dtype = fm.device, fm.dtype
         self.model, self.loss_fn, self.spec, self.tangent_kind = model, loss_fn, optimizer, tangent
         self.chunk_size = chunk_size
-
-        # parameters (state) and constants (frozen parameters and buffers)
-        self.param_names = [n for n, _ in named]
-        self.param_shapes = [tuple(p.shape) for _, p in named]
-        self._numels = [p.numel() for _, p in named]
-        d = sum(self._numels)
-        self.n_params = d
-        with torch.no_grad():
-            self._x_model = torch.cat([p.detach().reshape(-1) for _, p in named]).to(device=device, dtype=dtype)
-        consts: dict[str, Any] = {}
-        trainable = set(self.param_names)
-        for n, p in model.named_parameters():
-            if n not in trainable:
-                consts[n] = self._cast(p.detach().clone())
-        for n, b in model.named_buffers():
-            consts[n] = self._cast(b.detach().clone())
-        # BatchNorm policy: in train mode, batch statistics, running statistics neither read nor written
-        self.batchnorm_train_mode = []
-        for mname, mod in model.named_modules():
-            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training and mod.track_running_stats:
-                self.batchnorm_train_mode.append(mname)
-                for b in ("running_mean", "running_var", "num_batches_tracked"):
-                    key = f"{mname}.{b}" if mname else b
-                    if key in consts:
-                        consts[key] = None
-        self._consts = consts
+        self.param_names, self.param_shapes, self._numels = fm.param_names, fm.param_shapes, fm.numels
+        d = self.n_params = fm.n_params
+        self._x_model = fm.flat()
+        self._consts = fm.consts
+        self.batchnorm_train_mode = fm.batchnorm_train_mode
         self._modes = self._training_flags()
 
         # data
@@ -333,7 +294,7 @@ class OptimizerMap(AbstractSystem):
         return spec
 
     def _params(self, x: torch.Tensor) -> dict:
-        return {n: t.view(s) for n, t, s in zip(self.param_names, x.split(self._numels), self.param_shapes)}
+        return self._fm.params(x)
 
     def param_dict(self, z) -> dict[str, torch.Tensor]:
         """The parameters of state ``z`` (array or tensor; parameters or full state) as {name: tensor}."""
@@ -351,8 +312,7 @@ class OptimizerMap(AbstractSystem):
         return model
 
     def _loss(self, x: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, (self._params(x), self._consts), (xb,))
-        return self.loss_fn(out, yb)
+        return self._fm.loss(x, xb, yb)
 
     def _probe(self):
         b = self._b or self.n_samples
@@ -408,7 +368,7 @@ class OptimizerMap(AbstractSystem):
 
     def _grad(self, x, xb, yb):
         """(gradient of the minibatch loss L_B at x, loss); weight decay belongs to the update."""
-        return grad_and_value(self._loss)(x, xb, yb)
+        return self._fm.grad(x, xb, yb)
 
     def _update(self, z, xb, yb, t):
         """f(z, B, t) and the minibatch loss."""
@@ -416,29 +376,8 @@ class OptimizerMap(AbstractSystem):
         return _upd.update(self._hyper, z, g, t), loss
 
     def _grad_hvp(self, x, Vx, xb, yb):
-        """(g, H_B V, loss): the gradient at x and the loss Hessian applied to the rows of Vx (k, d).
-
-        Batched forward-over-reverse products, ``vmap`` over ``jvp(grad)`` in chunks of
-        ``chunk_size`` rows. Floating targets enter the jvp as primals with explicit zero
-        tangents: losses such as ``F.mse_loss`` fail under forward-over-reverse when the target
-        has no tangent ("ZeroTensors are immutable"), and mixed dual/plain arithmetic is slower.
-        """
-        k = Vx.shape[0]
-        cs = self.chunk_size or k
-        dual_t = yb.is_floating_point()
-        ty = torch.zeros_like(yb) if dual_t else None
-        gfn = grad_and_value(self._loss)
-
-        def push(v):
-            if dual_t:
-                return jvp(lambda xx, yy: gfn(xx, xb, yy), (x, yb), (v, ty), has_aux=True)
-            return jvp(lambda xx: gfn(xx, xb, yb), (x,), (v,), has_aux=True)
-
-        outs = []
-        for s in range(0, k, cs):
-            g, hv, loss = vmap(push, out_dims=(None, 0, None))(Vx[s:s + cs])
-            outs.append(hv)
-        return g, (outs[0] if len(outs) == 1 else torch.cat(outs)), loss
+        """(g, H_B V, loss) for the rows of Vx (k, d): :meth:`FlatModel.grad_hvp` in chunks of ``chunk_size``."""
+        return self._fm.grad_hvp(x, Vx, xb, yb, self.chunk_size)
 
     def _advance_eager(self, z, Vt, xb, yb, t):
         """(f(z), Df(z) V, loss) for a (k, tangent_dim) block Vt of tangent rows.
@@ -702,7 +641,7 @@ class OptimizerMap(AbstractSystem):
         (the state advanced if only the tangent block failed, as the reference loop does).
         """
         n = xi.shape[0]
-        dev, f64 = self.device, torch.float64
+        dev = self.device
         adam = self.spec.kind == "adam"
         if self._b:
             idx = torch.as_tensor(xi[:, (1 if adam else 0):].astype(np.int64)).to(dev)

@@ -40,8 +40,10 @@ class Hyper:
         weight_decay: L2 decay added to the gradient, g <- g + wd x (torch.optim's ``weight_decay``
             for SGD and Adam).
         momentum, dampening, nesterov: torch.optim.SGD's.
-        first: the momentum buffer does not exist yet (torch.optim then sets buf = g, without
-            dampening); with dampening 0 this equals buf = momentum * 0 + g.
+        first: the momentum buffer does not exist yet: torch.optim then sets buf = g (without
+            dampening). The map takes it as buf = momentum * m + g with the state's m = 0: the
+            same value, and a tangent that keeps the m-directions (buf = g alone would make the
+            Jacobian singular in them).
         beta1, beta2, eps: Adam's.
         decoupled_wd: AdamW's decoupled decay, x <- x (1 - lr wd) (0 for Adam).
     """
@@ -101,7 +103,7 @@ def update(h: Hyper, z: torch.Tensor, g: torch.Tensor, t=1.0) -> torch.Tensor:
         return _axpy(x, g, -h.lr) if not isinstance(h.lr, torch.Tensor) else x - h.lr * g
     if h.kind == "momentum":
         if h.first:
-            m = g  # buf = torch.clone(grad)
+            m = _axpy(g, z[..., d:2 * d], h.momentum)  # buf = torch.clone(grad), with m = 0 here
         else:
             m = _scale(z[..., d:2 * d], h.momentum)  # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             m = _axpy(m, g, 1.0 - h.dampening) if not isinstance(h.dampening, torch.Tensor) else m + (1.0 - h.dampening) * g

@@ -1,0 +1,154 @@
+"""A module's loss as a pure function of one flat parameter vector (private).
+
+:class:`FlatModel` is shared by :class:`rdsim.torch.OptimizerMap` (the state it iterates) and
+:class:`rdsim.torch.TrainingMonitor` (the state a user's optimizer iterates): the trainable
+parameters are viewed as one flat vector x (``model.named_parameters()`` order), the model is
+evaluated with ``torch.func.functional_call`` (frozen parameters and buffers passed alongside as
+constants), and gradients and batched Hessian-vector products are taken by ``torch.func``.
+
+BatchNorm policy: a ``_NormBase`` module with running statistics in **train mode** uses the
+statistics of the current batch (the map that training follows); its running statistics are passed
+as None, so they are neither read nor written. In **eval mode** they are constants.
+Dropout in train mode is refused by the callers (:func:`dropout_modules`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, jvp, vmap
+
+__all__ = ["FlatModel", "dropout_modules", "check_no_dropout"]
+
+
+def dropout_modules(model: nn.Module):
+    """(name, module) of the modules of ``model`` that apply dropout in train mode."""
+    for name, mod in model.named_modules():
+        if not mod.training:
+            continue
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            yield name or type(mod).__name__, mod
+        elif isinstance(mod, nn.MultiheadAttention) and mod.dropout > 0:
+            yield name or type(mod).__name__, mod
+
+
+def check_no_dropout(model: nn.Module, what: str = "the map") -> None:
+    for name, mod in dropout_modules(model):
+        raise ValueError(f"model: module {name!r} ({type(mod).__name__}) applies dropout in train "
+                         "mode, which makes the step random beyond the minibatch; call model.eval() "
+                         f"(or set its p to 0) before building {what}")
+
+
+class FlatModel:
+    """The trainable parameters of ``model`` as a flat vector and ``loss_fn`` as a function of it.
+
+    Args:
+        model: the network; never modified.
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss.
+        params: the parameters that form the state (default: those with ``requires_grad``), in
+            ``model.named_parameters()`` order whatever order they are given in; the others are
+            constants.
+        dtype, device: of the evaluation (default: the parameters').
+        copy_constants: clone buffers and frozen parameters (a snapshot, as OptimizerMap takes);
+            False keeps references, so the constants follow the live model (TrainingMonitor).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, *, params: Sequence[torch.Tensor] | None = None,
+                 dtype=None, device=None, copy_constants: bool = True):
+        if params is None:
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        else:
+            ids = {id(p) for p in params}
+            named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        if not named:
+            raise ValueError("model: has no trainable parameters (requires_grad=True)")
+        if dtype is None:
+            dtype = next((p.dtype for _, p in named if p.is_floating_point()), torch.get_default_dtype())
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype: expected a floating torch dtype, got {dtype!r}")
+        if device is None:
+            device = named[0][1].device
+        else:
+            device = torch.device(device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device "
+                                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+        self.device, self.dtype = torch.device(device), dtype
+        self.model, self.loss_fn = model, loss_fn
+        self.named_params = named
+        self.param_names = [n for n, _ in named]
+        self.param_shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.n_params = sum(self.numels)
+        consts: dict[str, Any] = {}
+        state = set(self.param_names)
+        for n, p in model.named_parameters():
+            if n not in state:
+                consts[n] = self.cast(p.detach().clone() if copy_constants else p.detach())
+        for n, b in model.named_buffers():
+            consts[n] = self.cast(b.detach().clone() if copy_constants else b.detach())
+        self.batchnorm_train_mode = []
+        for mname, mod in model.named_modules():
+            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training and mod.track_running_stats:
+                self.batchnorm_train_mode.append(mname)
+                for b in ("running_mean", "running_var", "num_batches_tracked"):
+                    key = f"{mname}.{b}" if mname else b
+                    if key in consts:
+                        consts[key] = None
+        self.consts = consts
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.to(device=self.device, dtype=self.dtype)
+        return t.to(device=self.device)
+
+    def flat(self) -> torch.Tensor:
+        """The model's current parameters as one flat tensor (a copy, in the evaluation dtype)."""
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1) for _, p in self.named_params]).to(device=self.device, dtype=self.dtype)
+
+    def flat_of(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Concatenate per-parameter tensors (None: zeros) in the flat layout."""
+        parts = [torch.zeros(n, device=self.device, dtype=self.dtype) if t is None
+                 else t.detach().reshape(-1).to(device=self.device, dtype=self.dtype)
+                 for t, n in zip(tensors, self.numels)]
+        return torch.cat(parts)
+
+    def params(self, x: torch.Tensor) -> dict:
+        return {n: t.view(s) for n, t, s in zip(self.param_names, x.split(self.numels), self.param_shapes)}
+
+    def loss(self, x: torch.Tensor, xb, yb) -> torch.Tensor:
+        out = functional_call(self.model, (self.params(x), self.consts), (xb,))
+        return self.loss_fn(out, yb)
+
+    def grad(self, x, xb, yb):
+        """(gradient of the batch loss at x, loss)."""
+        return grad_and_value(self.loss)(x, xb, yb)
+
+    def grad_hvp(self, x, Vx, xb, yb, chunk_size: int | None = None):
+        """(g, H V, loss): the gradient at x and the loss Hessian applied to the rows of Vx (k, d).
+
+        Batched forward-over-reverse products, ``vmap`` over ``jvp(grad)`` in chunks of
+        ``chunk_size`` rows. Floating targets enter the jvp as primals with explicit zero
+        tangents: losses such as ``F.mse_loss`` fail under forward-over-reverse when the target
+        has no tangent ("ZeroTensors are immutable"), and mixed dual/plain arithmetic is slower.
+        """
+        k = Vx.shape[0]
+        cs = chunk_size or k
+        dual_t = isinstance(yb, torch.Tensor) and yb.is_floating_point()
+        ty = torch.zeros_like(yb) if dual_t else None
+        gfn = grad_and_value(self.loss)
+
+        def push(v):
+            if dual_t:
+                return jvp(lambda xx, yy: gfn(xx, xb, yy), (x, yb), (v, ty), has_aux=True)
+            return jvp(lambda xx: gfn(xx, xb, yb), (x,), (v,), has_aux=True)
+
+        outs = []
+        g = loss = None
+        for s in range(0, k, cs):
+            g, hv, loss = vmap(push, out_dims=(None, 0, None))(Vx[s:s + cs])
+            outs.append(hv)
+        return g, (outs[0] if len(outs) == 1 else torch.cat(outs)), loss
