@@ -8,9 +8,10 @@ modules; this file only re-exports, so that the name ``torch`` inside rdsim neve
 from .._sharpness import SharpnessResult
 from ._hessian import (HessianOperator, LanczosResult, SpectralDensity, dense_hessian, hessian_eigenvalues,
                        hutchinson_trace, hutchpp_trace, lanczos, slq)
+from ._monitor import TrainingMonitor
 from ._optimizer_map import OptimizerMap
 from ._sharpness import minibatch_hessian_eigenvalues, sharpness_dimension
 
 __all__ = ["HessianOperator", "LanczosResult", "OptimizerMap", "SharpnessResult", "SpectralDensity", "dense_hessian",
            "hessian_eigenvalues", "hutchinson_trace", "hutchpp_trace", "lanczos", "minibatch_hessian_eigenvalues",
-           "sharpness_dimension", "slq"]
+           "sharpness_dimension", "slq", "TrainingMonitor"]

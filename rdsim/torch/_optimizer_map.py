@@ -22,6 +22,7 @@ from .._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE
 from .._systems import AbstractSystem
 from ..optim import OptimizerSpec, noise_sampler
 from . import _update as _upd
+from ._data import as_pair
 from ._functional import FlatModel, check_no_dropout
 from ._hessian import lanczos
 from ._qr import cholqr_rows, householder_rows
@@ -118,7 +119,10 @@ class OptimizerMap(AbstractSystem):
         model: the network (any ``torch.nn.Module`` whose forward is a deterministic function of
             parameters and inputs once dropout is off).
         loss_fn: ``loss_fn(outputs, targets)`` -> the mean loss over the batch (a scalar tensor).
-        data: ``(inputs, targets)``, tensors (or arrays) with the samples along dimension 0.
+        data: ``(inputs, targets)``, tensors (or arrays) with the samples along dimension 0, or a
+            ``torch.utils.data.Dataset`` / ``DataLoader`` of (input, target) samples, materialised
+            once into two tensors (the map draws its own replayable minibatches; a loader's sampler
+            and batch size are not used).
         optimizer: a spec from :mod:`rdsim.optim` (``gd``, ``sgd``, ``momentum``, ``adam``).
         device: where everything runs (default: the model's parameters' device).
         dtype: floating dtype of parameters, floating buffers and floating data (default: the
@@ -195,8 +199,7 @@ class OptimizerMap(AbstractSystem):
         self._modes = self._training_flags()
 
         # data
-        if not isinstance(data, (tuple, list)) or len(data) != 2:
-            raise TypeError("data: expected a pair (inputs, targets) of tensors")
+        data = as_pair(data)
         inputs, targets = (self._data_tensor(a, nm) for a, nm in zip(data, ("inputs", "targets")))
         if inputs.ndim == 0 or targets.ndim == 0:
             raise ValueError("data: inputs and targets need a leading sample dimension")
