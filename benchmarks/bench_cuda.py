@@ -60,8 +60,8 @@ def qr_part(device, small):
                 if k * n * 8 > 6e9:
                     continue
                 V = torch.randn(k, n, generator=g, device=device, dtype=dtype)
-                t_c = timed(lambda: cholqr_rows(V), device, inner=5)
-                t_h = timed(lambda: householder_rows(V, dtype), device, inner=2)
+                t_c = timed(lambda V=V: cholqr_rows(V), device, inner=5)
+                t_h = timed(lambda V=V, dtype=dtype: householder_rows(V, dtype), device, inner=2)
                 err = (cholqr_rows(V)[1] - householder_rows(V, dtype)[1]).abs().max().item()
                 print(f"    {n:10d} {str(dtype)[6:]:>8s} {k:3d} {t_c * 1e3:9.2f} {t_h * 1e3:12.2f} "
                       f"{t_h / t_c:6.1f} {err:13.1e}")

@@ -327,17 +327,38 @@ def dense_hessian(model: nn.Module, loss_fn: Callable, data, *, dtype=None, chun
 # operators as callables on torch blocks
 
 
-def _as_rows_fn(op, n=None, device=None):
-    """(rows (k, n) float64 -> H rows, n, device) for a HessianOperator, a matrix or a callable
-    (whose vectors live on ``device``, default CPU)."""
+def _check_symmetric(A: torch.Tensor, rtol: float, argname: str = "op"):
+    """One random probe of symmetry: |u^T A v - v^T A u| <= rtol * max(||A u|| ||v||, ||A v|| ||u||)."""
+    n = A.shape[0]
+    UV = torch.randn((n, 2), generator=torch.Generator().manual_seed(0x5EED), dtype=torch.float64).to(A.device)
+    AUV = A @ UV
+    u, v = UV.unbind(1)
+    Au, Av = AUV.unbind(1)
+    gap = float(abs(torch.dot(v, Au) - torch.dot(u, Av)))
+    scale = max(float(torch.linalg.vector_norm(Au) * torch.linalg.vector_norm(v)),
+                float(torch.linalg.vector_norm(Av) * torch.linalg.vector_norm(u)))
+    if gap > rtol * scale:
+        raise ValueError(f"{argname}: the matrix is not symmetric (for random u, v: |u^T A v - v^T A u| = {gap:.3g}, "
+                         f"{gap / scale:.2g} of ||A u|| ||v||, above {rtol:.1g}); Lanczos needs a symmetric operator "
+                         "(pass (A + A^T) / 2 if that is what is meant)")
+
+
+def _as_rows_fn(op, n=None, device=None, check_symmetric=False):
+    """(rows (k, n) float64 -> A rows, n, device) for a HessianOperator, a matrix or a callable
+    (whose vectors live on ``device``, default CPU). ``check_symmetric``: one random probe of an
+    explicit matrix (see :func:`_check_symmetric`); operators and functions are assumed symmetric."""
     if isinstance(op, HessianOperator):
         def f(R):
             return op._rows(R.to(op.dtype)).to(torch.float64)
         return f, op.n_params, op.device
     if isinstance(op, (np.ndarray, torch.Tensor)):
+        src = op.dtype
         A = torch.as_tensor(op, dtype=torch.float64)
         if A.ndim != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"op: expected a square matrix, got shape {tuple(A.shape)}")
+        if check_symmetric:
+            low = src in (np.float32, np.float16, torch.float32, torch.float16, torch.bfloat16)
+            _check_symmetric(A, 1e-3 if low else 1e-7)
         return (lambda R: R @ A.T.to(R.device)), A.shape[0], A.device
     if callable(op):
         if n is None:
@@ -358,10 +379,229 @@ def _rademacher(gen, shape, device):
 
 
 # -------------------------------------------------------------------------------------------------
-# Lanczos
+# the Lanczos recurrence (one implementation: lanczos, slq and the SLQ of sharpness_dimension use it)
+
+#: DGKS criterion: another Gram-Schmidt pass when one leaves less than 1/sqrt(2) of the norm
+_DGKS = 0.5 ** 0.5
+
+#: breakdown (invariant subspace) when beta <= this * max_j ||A v_j||, by basis dtype: well above
+#: the rounding level of the stored vectors (eps 2.2e-16 and 1.2e-7), far below any beta that matters
+_BREAKDOWN = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+_REORTH = ("full", "none")
+
+
+def _check_basis(basis_dtype, basis_device, reorth, *, allow_none: bool, where: str):
+    """Validated (basis dtype, basis device or None, reorth)."""
+    names = {"float64": torch.float64, "float32": torch.float32, "double": torch.float64, "float": torch.float32}
+    dt = names.get(basis_dtype, basis_dtype) if isinstance(basis_dtype, str) else basis_dtype
+    if dt is None:
+        dt = torch.float64
+    if dt in (np.float64, np.dtype(np.float64)):
+        dt = torch.float64
+    elif dt in (np.float32, np.dtype(np.float32)):
+        dt = torch.float32
+    if dt not in _BREAKDOWN:
+        raise ValueError(f"basis_dtype: expected torch.float64 (default) or torch.float32, got {basis_dtype!r}")
+    if reorth not in _REORTH:
+        raise ValueError(f"reorth: expected 'full' or 'none', got {reorth!r}")
+    if reorth == "none" and not allow_none:
+        raise ValueError(f"reorth: 'none' is for spectral densities only (slq, sharpness_dimension's SLQ methods); "
+                         f"{where} returns eigenvalues, and without reorthogonalisation the Krylov basis loses "
+                         "orthogonality as Ritz values converge, so converged eigenvalues reappear as spurious "
+                         "('ghost') copies. Use reorth='full' (the default), or basis_dtype=torch.float32 to halve "
+                         "the basis memory")
+    if basis_device is not None:
+        try:
+            basis_device = torch.device(basis_device)
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"basis_device: not a torch device: {basis_device!r}") from err
+    return dt, basis_device, reorth
+
+
+def _gs_pass(Bj: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """W - Bj^T (Bj W) row by row: Bj (R, j, n) in the basis dtype/device, W (R, n) float64.
+
+    Two batched matrix products in the basis dtype on the basis device (the batched layouts here,
+    (1 x n)(n x j) then (1 x j)(j x n), stream the basis at memory speed; einsum's are 2-5x slower
+    on CPU); the correction is subtracted in float64 on W's device.
+    """
+    Wb = W.to(device=Bj.device, dtype=Bj.dtype)
+    c = torch.bmm(Wb[:, None, :], Bj.transpose(1, 2))  # (R, 1, j): the Gram-Schmidt coefficients
+    corr = torch.bmm(c, Bj)[:, 0]  # (R, n)
+    return W - corr.to(device=W.device, dtype=torch.float64)
+
+
+def _orthogonalise(Bj: torch.Tensor, W: torch.Tensor):
+    """Classical Gram-Schmidt of each row of W against its basis, repeated where DGKS asks for it.
+
+    A second pass runs on the rows whose first pass left less than 1/sqrt(2) of their norm, and a
+    third where the second did too (ARPACK's iterative refinement in dsaitr); a row still cancelling
+    after the third pass is numerically in the span of its basis (an invariant subspace).
+    Returns (W, norms (R,), in_span (R,) bool, number of extra row passes).
+    """
+    before = torch.linalg.vector_norm(W, dim=1)
+    W = _gs_pass(Bj, W)
+    after = torch.linalg.vector_norm(W, dim=1)
+    again = (after < _DGKS * before).cpu()
+    extra = 0
+    for _ in range(2):
+        if not bool(again.any()):
+            break
+        for r in again.nonzero().squeeze(1).tolist():  # row views: no copy of the sub-basis
+            prev = after[r].clone()
+            W[r:r + 1] = _gs_pass(Bj[r:r + 1], W[r:r + 1])
+            after[r] = torch.linalg.vector_norm(W[r])
+            again[r] = bool(after[r] < _DGKS * prev)
+            extra += 1
+    return W, after, again, extra
 
 
 @dataclasses.dataclass(frozen=True)
+class _Krylov:
+    """The recurrences of R runs: run r has T_r = tridiag(betas[r, :L-1], alphas[r, :L], betas[r, :L-1])
+    with L = lengths[r]; betas[r, L-1] is its last beta (the residual norm); a beta of exactly 0
+    inside marks a restart (T_r is block diagonal there)."""
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    lengths: np.ndarray
+    restarts: np.ndarray
+    basis: torch.Tensor | None
+    n_prod: int
+    n_extra_passes: int
+
+
+def _lanczos_runs(rows_fn, V0: torch.Tensor, n_steps: int, *, reorth: str = "full", restart: bool = False,
+                  gens=None, basis_dtype=torch.float64, basis_device=None, stop=None) -> _Krylov:
+    """R Lanczos recurrences in lockstep: one batched product ``rows_fn`` per step.
+
+    ``rows_fn(V)`` maps a (R, n) float64 block whose row r is the current vector of run r to the
+    block of products (run r may use its own operator, e.g. its own minibatch). Per step
+    (Paige's ordering): w = A v_j - beta_{j-1} v_{j-1}, alpha_j = w . v_j, w -= alpha_j v_j; with
+    ``reorth="full"`` w is then Gram-Schmidt-ed against the run's whole basis (a second and third
+    pass where DGKS asks, :func:`_orthogonalise`), with ``"none"`` not (three-term recurrence, no
+    stored basis); beta_j = ||w||. The vectors, alphas, betas and T are float64; the basis is
+    stored in ``basis_dtype`` on ``basis_device`` (default: V0's device), and the vector a run
+    multiplies is exactly the one stored (rounded to the basis dtype first).
+
+    Breakdown (an invariant subspace: beta_j <= tol * max_i ||A v_i||, tol from :data:`_BREAKDOWN`,
+    or w numerically in the span): with ``restart`` the run continues from a fresh Rademacher
+    vector (from ``gens[r]``) orthogonalised against its basis, with beta_j = 0 (as ARPACK does),
+    until its basis spans the space; without, the run stops there (its Gauss quadrature is then
+    exact). ``stop(j, alphas, betas)`` (R = 1 only) may end the run after step j.
+    """
+    R, n = V0.shape
+    m = min(int(n_steps), n)
+    dev = V0.device
+    store = reorth == "full"
+    if restart and not store:
+        raise ValueError("reorth: restarts at an invariant subspace need the full basis (reorth='full')")
+    bdev = dev if basis_device is None else torch.device(basis_device)
+    lowp = basis_dtype != torch.float64
+    tol = _BREAKDOWN[basis_dtype]
+
+    def stored(X):  # the vectors multiplied are the stored ones
+        return X.to(basis_dtype).to(torch.float64) if lowp else X
+
+    V = V0.to(torch.float64)
+    V = stored(V / torch.linalg.vector_norm(V, dim=1, keepdim=True))
+    basis = torch.empty((R, m, n), dtype=basis_dtype, device=bdev) if store else None
+    Vprev = torch.zeros_like(V)
+    prev_beta = torch.zeros(R, dtype=torch.float64, device=dev)
+    A = np.zeros((R, m))
+    B = np.zeros((R, m))
+    alive = np.ones(R, dtype=bool)
+    length = np.full(R, m)
+    restarts = np.zeros(R, dtype=np.int64)
+    scale = np.zeros(R)
+    n_prod = extra = 0
+    for j in range(m):
+        if store:
+            basis[:, j] = V.to(device=bdev, dtype=basis_dtype)
+        W = rows_fn(V).to(torch.float64)
+        n_prod += int(alive.sum())
+        if not bool(torch.isfinite(W).all()):
+            raise FloatingPointError("lanczos: the operator returned non-finite values")
+        scale = np.maximum(scale, torch.linalg.vector_norm(W, dim=1).cpu().numpy())
+        W = W - prev_beta[:, None] * Vprev
+        a = (W * V).sum(dim=1)
+        W = W - a[:, None] * V
+        if store:
+            W, beta, in_span, e = _orthogonalise(basis[:, :j + 1], W)
+            extra += e
+            in_span = in_span.numpy()
+        else:
+            beta = torch.linalg.vector_norm(W, dim=1)
+            in_span = np.zeros(R, dtype=bool)
+        A[:, j] = a.cpu().numpy()
+        bnp = beta.cpu().numpy()
+        broke = alive & ((bnp <= tol * np.maximum(scale, 1e-300)) | in_span)
+        bnp = np.where(broke, 0.0, bnp)
+        B[:, j] = bnp
+        # (at a breakdown the run restarts instead: the rest of the spectrum is still unexplored)
+        if stop is not None and alive[0] and not broke[0] and stop(j, A[0, :j + 1], B[0, :j + 1]):
+            length[0] = j + 1
+            alive[0] = False
+        if j == m - 1:
+            break
+        safe = torch.as_tensor(np.where(bnp > 0, bnp, 1.0), device=dev)
+        Vn = W / safe[:, None]
+        for r in np.flatnonzero(broke & alive):
+            z = _rademacher(gens[r], (1, n), dev) if restart else None
+            if z is not None:
+                z, nz, span, _ = _orthogonalise(basis[r:r + 1, :j + 1], z / math.sqrt(n))
+                if not bool(span[0]) and float(nz[0]) > tol:  # (z was a unit vector)
+                    Vn[r] = z[0] / nz[0]
+                    restarts[r] += 1
+                    continue
+            length[r] = j + 1  # no restart (or the basis spans the space): the run ends here
+            alive[r] = False
+        if not alive.any():
+            break
+        Vn[torch.as_tensor(~alive, device=dev)] = 0.0  # finished runs multiply zeros from now on
+        Vprev, V = V, stored(Vn)
+        prev_beta = torch.as_tensor(bnp, device=dev)
+    length[alive] = min(m, j + 1)
+    return _Krylov(alphas=A, betas=B, lengths=length, restarts=restarts, basis=basis, n_prod=n_prod,
+                   n_extra_passes=extra)
+
+
+def _tridiag_eigh(alphas, betas):
+    """Eigenvalues (ascending) and eigenvectors of tridiag(betas, alphas, betas), split at exact zeros
+    of ``betas`` (restarts): each block is solved on its own, so the eigenvectors of later blocks
+    have exactly zero first components (zero quadrature weight)."""
+    from scipy.linalg import eigh_tridiagonal
+
+    a = np.asarray(alphas, dtype=np.float64)
+    b = np.asarray(betas, dtype=np.float64)
+    m = a.size
+    if m == 1:
+        return a.copy(), np.ones((1, 1))
+    cuts = np.flatnonzero(b == 0.0)
+    if cuts.size == 0:
+        return eigh_tridiagonal(a, b)
+    theta = np.empty(m)
+    S = np.zeros((m, m))
+    for s, e in zip(np.r_[0, cuts + 1], np.r_[cuts + 1, m]):
+        if e - s == 1:
+            theta[s], S[s, s] = a[s], 1.0
+        else:
+            theta[s:e], S[s:e, s:e] = eigh_tridiagonal(a[s:e], b[s:e - 1])
+    order = np.argsort(theta, kind="stable")
+    return theta[order], S[:, order]
+
+
+# -------------------------------------------------------------------------------------------------
+# Lanczos
+
+
+def _summary(a: np.ndarray) -> str:
+    with np.printoptions(precision=5, suppress=False, threshold=12, edgeitems=4):
+        return np.array2string(np.asarray(a), separator=", ", max_line_width=110)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
 class LanczosResult:
     """Outcome of :func:`lanczos` / :func:`hessian_eigenvalues` (``return_details=True``).
 
@@ -372,9 +612,13 @@ class LanczosResult:
         converged: (k,) residual <= tol * max(|theta|, eps^(2/3) ||T||).
         eigenvectors: (n, k) Ritz vectors (float64) or None.
         n_iter: Lanczos steps taken; n_hvp: operator products used.
-        alphas, betas: the tridiagonal T (diagonal (m,), off-diagonal (m - 1,)).
+        alphas, betas: the tridiagonal T (diagonal (m,), off-diagonal (m - 1,); a zero in ``betas``
+            marks a restart after an invariant subspace).
         ritz_values, ritz_weights: all eigenvalues of T (ascending) and the squared first
-            components of its eigenvectors (the Gauss quadrature weights, summing to 1).
+            components of its eigenvectors (the Gauss quadrature weights, summing to 1; zero for
+            the Ritz values of blocks after a restart).
+        n_restarts: invariant subspaces met (each followed by a fresh start vector orthogonal to
+            the basis).
     """
 
     eigenvalues: np.ndarray
@@ -387,14 +631,18 @@ class LanczosResult:
     betas: np.ndarray
     ritz_values: np.ndarray
     ritz_weights: np.ndarray
+    n_restarts: int = 0
 
     @property
     def all_converged(self) -> bool:
         return bool(np.all(self.converged))
 
-
-#: DGKS criterion: a second Gram-Schmidt pass when the first leaves less than 1/sqrt(2) of the norm
-_DGKS = 0.5 ** 0.5
+    def __repr__(self) -> str:
+        k = self.eigenvalues.shape[0]
+        vec = "" if self.eigenvectors is None else f", eigenvectors {self.eigenvectors.shape}"
+        return (f"LanczosResult(k={k}, converged {int(np.sum(self.converged))}/{k}, n_iter={self.n_iter}, "
+                f"n_hvp={self.n_hvp}, n_restarts={self.n_restarts}{vec},\n"
+                f"  eigenvalues={_summary(self.eigenvalues)},\n  residuals={_summary(self.residuals)})")
 
 
 def _pick(theta, k, which):
@@ -413,17 +661,33 @@ def _pick(theta, k, which):
 
 def lanczos(op, k: int = 10, *, which: str = "LA", n: int | None = None, tol: float = 1e-6,
             max_iter: int | None = None, min_iter: int | None = None, check_every: int = 2, v0=None,
-            seed: int = 0, n_iter: int | None = None, return_vectors: bool = False, device=None) -> LanczosResult:
+            seed: int = 0, n_iter: int | None = None, return_vectors: bool = False, device=None,
+            basis_dtype=torch.float64, basis_device=None, reorth: str = "full") -> LanczosResult:
     """Lanczos with full reorthogonalisation on a symmetric operator (MATH.md §6).
 
-    From a Rademacher start vector (or ``v0``), the new vector is reorthogonalised against all
-    previous vectors every step (classical Gram-Schmidt, repeated once when the first pass leaves
-    less than 1/sqrt(2) of its norm: the DGKS criterion behind "twice is enough"), and the
-    off-diagonal beta_j is the norm of the new vector after reorthogonalisation. Every
+    From a Rademacher start vector (or ``v0``), each new vector w = A v_j - beta_{j-1} v_{j-1} -
+    alpha_j v_j is reorthogonalised against all previous vectors (classical Gram-Schmidt, repeated
+    where a pass leaves less than 1/sqrt(2) of the norm: the DGKS criterion behind "twice is
+    enough"), and the off-diagonal beta_j is the norm of w after reorthogonalisation. Every
     ``check_every`` steps the residuals of the wanted Ritz pairs, |beta_j s_{j,i}|, are compared
-    with ``tol * max(|theta_i|, eps^(2/3) ||T||)``; the iteration stops when all k are converged,
-    at an invariant subspace (then the Ritz values are exact eigenvalues), or at ``max_iter``.
-    With ``n_iter`` given, exactly that many steps are taken (no convergence test; the SLQ mode).
+    with ``tol * max(|theta_i|, eps^(2/3) ||T||)``; the iteration stops when all k are converged
+    or at ``max_iter``. With ``n_iter`` given, exactly that many steps are taken (no convergence
+    test; the SLQ mode).
+
+    Invariant subspaces (breakdown: beta_j <= 1e-12 max_i ||A v_i|| for a float64 basis, 1e-6 for
+    float32, or w numerically in the span of the basis; e.g. a rank-deficient Hessian, or repeated
+    eigenvalues): the Ritz values found so far are exact eigenvalues, and the iteration goes on
+    from a fresh random vector orthogonalised against the whole basis, with beta_j = 0 (as ARPACK
+    does), so that T is block diagonal and multiplicities are found. ``k = n`` therefore returns
+    all n eigenvalues (n steps), equal to a dense solver's to rounding.
+
+    Symmetry: an explicit matrix is checked with one random probe (|u^T A v - v^T A u| relative to
+    ||A u|| ||v||, tolerance 1e-7, 1e-3 for float32/16 matrices) and refused if non-symmetric; a
+    :class:`HessianOperator` or a function is assumed symmetric (not checked).
+
+    Memory: the basis is ``m x n x itemsize`` bytes (m = ``max_iter`` or ``n_iter``; itemsize 8
+    for ``basis_dtype=torch.float64``, 4 for float32) on ``basis_device``, plus a few float64
+    vectors (n x 8 bytes each) on the operator's device and ``k x n x 8`` for ``return_vectors``.
 
     Args:
         op: a :class:`HessianOperator`, a symmetric matrix (numpy / torch), or a function
@@ -432,21 +696,45 @@ def lanczos(op, k: int = 10, *, which: str = "LA", n: int | None = None, tol: fl
         which: "LA" largest algebraic, "SA" smallest algebraic, "BE" both ends (k // 2 from the
             bottom, the rest from the top; as ``scipy.sparse.linalg.eigsh``).
         tol: relative residual tolerance.
-        max_iter: most steps (default min(n, max(4k + 40, 100))).
+        max_iter: most steps (default min(n, max(4k + 40, 100))); at least k.
         min_iter: fewest steps before the first convergence check (default k + 2).
         v0: start vector (n,), normalised here.
-        seed: seeds the Rademacher start vector.
-        n_iter: fixed number of steps (overrides tol/max_iter).
+        seed: seeds the Rademacher start vector (and restart vectors).
+        n_iter: fixed number of steps (overrides tol/max_iter); at least k (n_iter steps give at
+            most n_iter Ritz values: ``n_iter < k`` is a ValueError, not a silent NaN).
         return_vectors: also return the (n, k) Ritz vectors.
-        device: for a function ``op``, the device of the (float64) vectors it receives and of the
-            Krylov basis (default CPU); ignored otherwise.
+        device: for a function ``op``, the device of the (float64) vectors it receives (default
+            CPU); ignored otherwise.
+        basis_dtype: ``torch.float64`` (default) or ``torch.float32``: the stored Krylov basis
+            (half the memory and half the memory traffic of the reorthogonalisation, which
+            dominates at large n). Alpha, beta, T and the working vectors stay float64; the
+            Gram-Schmidt products run in the basis dtype. A float32 basis is orthogonal to ~1e-7,
+            so the Ritz values are accurate to ~1e-7 ||A|| instead of ~1e-13 ||A||.
+        basis_device: where the basis lives (default: with the vectors, i.e. the operator's
+            device); e.g. ``"cpu"`` keeps it off an accelerator while the products run there
+            (each step then moves two or three n-vectors between the devices).
+        reorth: only "full" here: without reorthogonalisation converged eigenvalues come back as
+            spurious copies ("ghosts"); ``reorth="none"`` is offered by :func:`slq` for densities.
 
     Returns:
         :class:`LanczosResult` (all in float64 numpy).
+
+    Raises:
+        ValueError: an unknown ``which``, ``k`` above the dimension, ``n_iter``/``max_iter`` below
+            ``k``, a non-symmetric matrix (``op``), a bad ``basis_dtype``/``reorth``.
+
+    Example:
+        >>> import numpy as np
+        >>> A = np.diag([3.0, 3.0, 1.0, 0.0, 0.0])  # one start vector sees 3 distinct eigenvalues
+        >>> res = lanczos(A, k=5)
+        >>> res.eigenvalues.round(12) + 0.0, res.n_iter  # a restart at the invariant subspace finds the copies
+        (array([3., 3., 1., 0., 0.]), 5)
     """
     if which not in ("LA", "SA", "BE"):
         raise ValueError(f"which: expected 'LA', 'SA' or 'BE', got {which!r}")
-    f, dim, device = _as_rows_fn(op, n, device)
+    basis_dtype, basis_device, reorth = _check_basis(basis_dtype, basis_device, reorth, allow_none=False,
+                                                     where="lanczos")
+    f, dim, device = _as_rows_fn(op, n, device, check_symmetric=True)
     k = _check_pos_int(k, "k")
     if k > dim:
         raise ValueError(f"k: asked for {k} eigenvalues of an operator of dimension {dim}")
@@ -455,99 +743,66 @@ def lanczos(op, k: int = 10, *, which: str = "LA", n: int | None = None, tol: fl
     check_every = _check_pos_int(check_every, "check_every")
     if n_iter is not None:
         m_max = min(_check_pos_int(n_iter, "n_iter"), dim)
+        if m_max < k:
+            raise ValueError(f"n_iter: {n_iter} Lanczos steps give at most {n_iter} Ritz values, fewer than k={k}; "
+                             f"use n_iter >= k")
     else:
         m_max = min(dim, _check_pos_int(max_iter, "max_iter") if max_iter is not None else max(4 * k + 40, 100))
+        if m_max < k:
+            raise ValueError(f"max_iter: {max_iter} Lanczos steps give at most {max_iter} Ritz values, fewer than "
+                             f"k={k}; use max_iter >= k")
     m_min = min(m_max, k + 2 if min_iter is None else _check_pos_int(min_iter, "min_iter"))
+    gen = torch.Generator().manual_seed(int(seed))
     if v0 is None:
-        gen = torch.Generator().manual_seed(int(seed))
         v = _rademacher(gen, (dim,), device)
     else:
         v = torch.as_tensor(np.asarray(v0) if not isinstance(v0, torch.Tensor) else v0, dtype=torch.float64)
         v = v.reshape(-1).to(device)
         if v.numel() != dim:
             raise ValueError(f"v0: expected {dim} values, got {v.numel()}")
-    nv = torch.linalg.vector_norm(v)
-    if not float(nv) > 0:
+    if not float(torch.linalg.vector_norm(v)) > 0:
         raise ValueError("v0: must be non-zero")
-    v = v / nv
-    basis = torch.empty((m_max, dim), dtype=torch.float64, device=device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    n_hvp = 0
-    beta_last = 0.0
     eps23 = np.finfo(np.float64).eps ** (2.0 / 3.0)
-    theta = S = None
-    for j in range(m_max):
-        basis[j] = v
-        w = f(v[None])[0]
-        n_hvp += 1
-        if not bool(torch.isfinite(w).all()):
-            raise FloatingPointError("lanczos: the operator returned non-finite values")
-        a = float(torch.dot(w, v))
-        alphas.append(a)
-        w = w - a * v
-        if j > 0:
-            w = w - betas[-1] * basis[j - 1]
-        B = basis[:j + 1]
-        before = torch.linalg.vector_norm(w)
-        w = w - B.T @ (B @ w)
-        if bool(torch.linalg.vector_norm(w) < _DGKS * before):  # second pass only where the first cancelled
-            w = w - B.T @ (B @ w)
-        beta_last = float(torch.linalg.vector_norm(w))
+
+    def converged(theta, S, beta_last):
+        idx = _pick(theta, k, which)
+        res = np.abs(beta_last * S[-1, idx])
+        bound = tol * np.maximum(np.abs(theta[idx]), eps23 * np.max(np.abs(theta)))
+        return idx, res, bound
+
+    def stop(j, a, b):
         m = j + 1
-        scale = max(abs(x) for x in alphas + betas) if (alphas or betas) else 1.0
-        invariant = beta_last <= 1e-12 * max(scale, 1e-300)
-        done = invariant or m == m_max
-        if not done and n_iter is None and m >= m_min and (m - m_min) % check_every == 0:
-            theta, S = _tridiag_eigh(alphas, betas)
-            idx = _pick(theta, k, which)
-            res = np.abs(beta_last * S[-1, idx])
-            bound = tol * np.maximum(np.abs(theta[idx]), eps23 * np.max(np.abs(theta)))
-            if len(idx) == k and np.all(res <= bound):
-                done = True
-        if done:
-            break
-        betas.append(beta_last)
-        v = w / beta_last
-    m = len(alphas)
+        if n_iter is not None or m < m_min or (m - m_min) % check_every:
+            return False
+        theta, S = _tridiag_eigh(a, b[:j])
+        idx, res, bound = converged(theta, S, b[j])
+        return len(idx) == k and bool(np.all(res <= bound))
+
+    kr = _lanczos_runs(f, v[None], m_max, restart=True, gens=[gen], basis_dtype=basis_dtype,
+                       basis_device=basis_device, stop=stop)
+    m = int(kr.lengths[0])
+    alphas, betas = kr.alphas[0, :m], kr.betas[0, :m]
     theta, S = _tridiag_eigh(alphas, betas[:m - 1])
-    if invariant:
-        beta_last = 0.0
-    idx = _pick(theta, k, which)
-    res = np.abs(beta_last * S[-1, idx])
-    bound = tol * np.maximum(np.abs(theta[idx]), eps23 * np.max(np.abs(theta)))
+    idx, res, bound = converged(theta, S, betas[m - 1])
     vecs = None
     if return_vectors:
-        Y = torch.as_tensor(S[:, idx], dtype=torch.float64, device=device)
-        vecs = (basis[:m].T @ Y).cpu().numpy()
-    ev = theta[idx]
-    if len(idx) < k:  # fewer Ritz values than wanted (an invariant subspace smaller than k)
-        pad = k - len(idx)
-        ev = np.concatenate([ev, np.full(pad, np.nan)])
-        res = np.concatenate([res, np.full(pad, np.inf)])
-        bound = np.concatenate([bound, np.zeros(pad)])
-    return LanczosResult(eigenvalues=ev, residuals=res, converged=res <= bound, eigenvectors=vecs, n_iter=m,
-                         n_hvp=n_hvp, alphas=np.array(alphas), betas=np.array(betas[:m - 1]), ritz_values=theta,
-                         ritz_weights=S[0] ** 2)
-
-
-def _tridiag_eigh(alphas, betas):
-    from scipy.linalg import eigh_tridiagonal
-
-    a = np.asarray(alphas, dtype=np.float64)
-    if a.size == 1:
-        return a.copy(), np.ones((1, 1))
-    return eigh_tridiagonal(a, np.asarray(betas, dtype=np.float64))
+        Y = torch.as_tensor(S[:, idx], dtype=basis_dtype, device=kr.basis.device)
+        vecs = (kr.basis[0, :m].T @ Y).to("cpu", torch.float64).numpy()
+    return LanczosResult(eigenvalues=theta[idx], residuals=res, converged=res <= bound, eigenvectors=vecs, n_iter=m,
+                         n_hvp=kr.n_prod, alphas=alphas.copy(), betas=betas[:m - 1].copy(), ritz_values=theta,
+                         ritz_weights=S[0] ** 2, n_restarts=int(kr.restarts[0]))
 
 
 def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 10, *, which: str = "LA",
                         tol: float = 1e-6, max_iter: int | None = None, seed: int = 0, dtype=None,
-                        chunk_size: int | None = 128, return_details: bool = False):
+                        chunk_size: int | None = 128, return_details: bool = False, basis_dtype=torch.float64,
+                        basis_device=None, reorth: str = "full"):
     """The k extreme eigenvalues of the Hessian of the loss on ``batch``, by matrix-free Lanczos.
 
-    Full reorthogonalisation and residual-based convergence (see :func:`lanczos`); a pair that did
-    not converge within ``max_iter`` steps is reported with a ``RuntimeWarning`` (and flagged in
-    the details), not silently.
+    Full reorthogonalisation, restarts at invariant subspaces and residual-based convergence (see
+    :func:`lanczos`); a pair that did not converge within ``max_iter`` steps is reported with a
+    ``RuntimeWarning`` (and flagged in the details), not silently. On a rank-deficient Hessian
+    the zero eigenvalues come back as zeros (to rounding), never as NaN.
 
     Args:
         model, loss_fn, batch: as :class:`HessianOperator` (``batch`` may be a list of batches).
@@ -556,6 +811,9 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 10,
         tol: relative residual tolerance (eigenvalue errors are at most the residual).
         max_iter: most Lanczos steps; seed: start vector; dtype: evaluation dtype.
         return_details: return the :class:`LanczosResult` (residuals, flags, HVP count).
+        basis_dtype, basis_device: the stored Krylov basis (see :func:`lanczos`: float32 halves its
+            max_iter x n x 8 bytes; "cpu" keeps it off the accelerator).
+        reorth: "full" only (``"none"`` is refused: it gives ghost eigenvalues).
 
     Returns:
         (k,) numpy array, descending (``which="SA"`` too), or the :class:`LanczosResult`.
@@ -569,8 +827,10 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 10,
         >>> ev.round(6)  # (2/3) diag(1, 4, 9)
         array([6.      , 2.666667])
     """
+    _check_basis(basis_dtype, basis_device, reorth, allow_none=False, where="hessian_eigenvalues")
     op = HessianOperator(model, loss_fn, batch, dtype=dtype, chunk_size=chunk_size)
-    res = lanczos(op, k, which=which, tol=tol, max_iter=max_iter, seed=seed)
+    res = lanczos(op, k, which=which, tol=tol, max_iter=max_iter, seed=seed, basis_dtype=basis_dtype,
+                  basis_device=basis_device)
     if not res.all_converged:
         warnings.warn(f"hessian_eigenvalues: {int((~res.converged).sum())} of {k} Ritz values did not reach the "
                       f"residual tolerance {tol:g} in {res.n_iter} Lanczos steps (max residual "
@@ -580,78 +840,42 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 10,
     return np.sort(res.eigenvalues)[::-1]
 
 
-def lanczos_lockstep(rows_fn, V0: torch.Tensor, n_iter: int):
-    """R independent Lanczos recurrences run in lockstep (one batched product per step).
+def lanczos_lockstep(rows_fn, V0: torch.Tensor, n_iter: int, *, reorth: str = "full", basis_dtype=torch.float64,
+                     basis_device=None):
+    """R independent Lanczos runs in lockstep for quadrature (one batched product per step).
 
     ``rows_fn(V)`` maps a (R, n) block whose row r is a vector of run r to the block of products
-    (run r may use its own operator, e.g. its own minibatch). Full reorthogonalisation per run (a
-    second pass where DGKS asks for it, as in :func:`lanczos`), beta = norm after
-    reorthogonalisation, float64. A run that reaches an invariant subspace
-    stops growing (its later alphas/betas are masked). Returns the Ritz values (R, m) and weights
-    (R, m) (NaN / 0 where a run stopped early) and the number of products.
+    (run r may use its own operator, e.g. its own minibatch). The recurrence is
+    :func:`_lanczos_runs` (float64 vectors and T; the basis in ``basis_dtype`` on
+    ``basis_device``; ``reorth`` "full" or "none"). A run that reaches an invariant subspace
+    stops there (its quadrature is then exact; no restart: later blocks would carry zero weight).
+    Basis memory: R x n_iter x n x itemsize bytes with ``reorth="full"``, none with ``"none"``
+    (then about five float64 (R, n) blocks of working vectors in all).
+
+    Returns the Ritz values (R, m) and weights (R, m) (NaN / 0 where a run stopped early) and the
+    number of products.
     """
+    basis_dtype, basis_device, reorth = _check_basis(basis_dtype, basis_device, reorth, allow_none=True,
+                                                     where="lanczos_lockstep")
     R, n = V0.shape
-    m = min(int(n_iter), n)
-    V = V0.to(torch.float64)
-    V = V / torch.linalg.vector_norm(V, dim=1, keepdim=True)
-    basis = torch.zeros((R, m, n), dtype=torch.float64, device=V.device)
-    A = torch.zeros((R, m), dtype=torch.float64)
-    B = torch.zeros((R, m), dtype=torch.float64)
-    alive = torch.ones(R, dtype=torch.bool)
-    length = torch.full((R,), m, dtype=torch.long)
-    prev_beta = torch.zeros(R, dtype=torch.float64, device=V.device)
-    n_prod = 0
-    n_second = [0]
-    for j in range(m):
-        basis[:, j] = V
-        W = rows_fn(V).to(torch.float64)
-        n_prod += int(alive.sum())
-        if not bool(torch.isfinite(W).all()):
-            raise FloatingPointError("lanczos: the operator returned non-finite values")
-        a = (W * V).sum(dim=1)
-        W = W - a[:, None] * V
-        if j > 0:
-            W = W - prev_beta[:, None] * basis[:, j - 1]
-        Bj = basis[:, :j + 1]
-        # classical Gram-Schmidt against the whole basis; a second pass only where the first one
-        # cancelled much of the vector (the DGKS criterion: norm fell below 1/sqrt(2) of itself)
-        before = torch.linalg.vector_norm(W, dim=1)
-        W = W - torch.einsum("rjn,rj->rn", Bj, torch.einsum("rjn,rn->rj", Bj, W))
-        beta = torch.linalg.vector_norm(W, dim=1)
-        again = beta < _DGKS * before
-        if bool(again.any()):
-            idx = again.nonzero().squeeze(1)
-            Ba, Wa = Bj[idx], W[idx]
-            W[idx] = Wa - torch.einsum("rjn,rj->rn", Ba, torch.einsum("rjn,rn->rj", Ba, Wa))
-            beta = torch.linalg.vector_norm(W, dim=1)
-            n_second[0] += int(idx.numel())
-        A[:, j] = a.cpu()
-        B[:, j] = beta.cpu()
-        scale = torch.maximum(A[:, :j + 1].abs().max(dim=1).values, B[:, :j + 1].abs().max(dim=1).values)
-        stop = alive & (B[:, j] <= 1e-12 * torch.clamp(scale, min=1e-300))
-        length[stop] = j + 1
-        alive &= ~stop
-        if j == m - 1 or not bool(alive.any()):
-            break
-        safe = torch.where(beta > 0, beta, torch.ones_like(beta))
-        V = W / safe[:, None]
-        prev_beta = beta
+    kr = _lanczos_runs(rows_fn, V0, n_iter, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device)
+    m = kr.alphas.shape[1]
     nodes = np.full((R, m), np.nan)
     weights = np.zeros((R, m))
     for r in range(R):
-        L = int(length[r])
-        theta, S = _tridiag_eigh(A[r, :L].numpy(), B[r, :L - 1].numpy())
+        L = int(kr.lengths[r])
+        theta, S = _tridiag_eigh(kr.alphas[r, :L], kr.betas[r, :L - 1])
         nodes[r, :L] = theta
         wr = S[0] ** 2
         weights[r, :L] = wr / wr.sum()
-    return nodes, weights, n_prod
+    return nodes, weights, kr.n_prod
 
 
 # -------------------------------------------------------------------------------------------------
 # stochastic Lanczos quadrature and traces
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class SpectralDensity:
     """A Hessian spectral density from stochastic Lanczos quadrature.
 
@@ -693,9 +917,32 @@ class SpectralDensity:
         vals, mass = self.pooled()
         return float(np.sum(vals * mass))
 
+    def __repr__(self) -> str:
+        vals, _ = self.pooled()
+        lengths = (self.weights > 0).sum(axis=1)
+        span = f"[{vals.min():.5g}, {vals.max():.5g}]" if vals.size else "[]"
+        return (f"SpectralDensity(n={self.n}, n_runs={self.n_runs}, steps per run {int(lengths.min())}-"
+                f"{self.nodes.shape[1]}, n_hvp={self.n_hvp},\n  Ritz values in {span}, trace estimate "
+                f"{self.trace():.5g})")
 
-def slq(op, n_runs: int = 10, n_iter: int = 100, *, n: int | None = None, seed: int = 0) -> SpectralDensity:
+
+def slq(op, n_runs: int = 10, n_iter: int = 100, *, n: int | None = None, seed: int = 0, reorth: str = "full",
+        basis_dtype=torch.float64, basis_device=None) -> SpectralDensity:
     """Stochastic Lanczos quadrature: ``n_runs`` Lanczos runs of ``n_iter`` steps from Rademacher vectors.
+
+    The runs share one operator and go in lockstep (one batched product per step), or, for a
+    function ``r -> operator``, one after another. A run that meets an invariant subspace stops
+    there (its quadrature is exact; it is not restarted).
+
+    Cost and memory (N = dimension, R = ``n_runs``, m = ``n_iter``): R m products, plus, with
+    ``reorth="full"``, about 2 R m^2 N multiply-adds of Gram-Schmidt (more than the products at
+    large N: it streams the basis twice per step, so it runs at memory speed) and a basis of
+    R x m x N x itemsize bytes (8 for float64, 4 for float32) on ``basis_device``; with
+    ``reorth="none"``, no basis and about 5 R N x 8 bytes of working vectors. For GPT-2 small
+    (N = 124M): one float64 vector is 1.0 GB, one float32 vector 0.50 GB; 100 float32 vectors
+    (one run of 100 steps) are 49.8 GB, which fits on an 80 GB GPU next to the model, the float64
+    basis (99.6 GB) does not, and 8 lockstep runs need 398 GB (float32): use ``basis_device="cpu"``
+    (host memory), fewer runs at a time, or ``reorth="none"`` (8 runs: ~5 GB).
 
     Args:
         op: an operator as in :func:`lanczos`, or a function ``r -> operator`` giving a fresh
@@ -704,6 +951,15 @@ def slq(op, n_runs: int = 10, n_iter: int = 100, *, n: int | None = None, seed: 
         n_iter: Lanczos steps m per run (at most the dimension).
         n: dimension, when ``op`` is a matrix-free function.
         seed: seeds the start vectors (run r uses a child seed).
+        reorth: "full" (default; Gram-Schmidt against the whole basis, the quadrature nodes are
+            the Ritz values of an orthonormal basis) or "none" (the plain three-term recurrence:
+            the basis loses orthogonality once Ritz values converge, and converged eigenvalues
+            reappear as ghost copies that share their weight, so the density, the trace and the
+            SLQ sharpness dimension barely move while single Ritz values are unreliable: for
+            densities only).
+        basis_dtype: ``torch.float64`` (default) or ``torch.float32`` (half the memory and the
+            Gram-Schmidt traffic; Ritz values to ~1e-7 ||A||).
+        basis_device: where the bases live (default: the operator's device), e.g. ``"cpu"``.
 
     Returns:
         :class:`SpectralDensity`.
@@ -716,28 +972,31 @@ def slq(op, n_runs: int = 10, n_iter: int = 100, *, n: int | None = None, seed: 
     """
     n_runs = _check_pos_int(n_runs, "n_runs")
     n_iter = _check_pos_int(n_iter, "n_iter")
+    basis_dtype, basis_device, reorth = _check_basis(basis_dtype, basis_device, reorth, allow_none=True, where="slq")
     per_run = callable(op) and not isinstance(op, (HessianOperator, np.ndarray, torch.Tensor)) and n is None
     seeds = np.random.SeedSequence(int(seed)).generate_state(n_runs)
+    kw = dict(reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device)
     if not per_run:  # one operator: all runs in lockstep, one batched product per step
-        f, dim, device = _as_rows_fn(op, n)
+        f, dim, device = _as_rows_fn(op, n, check_symmetric=True)
         V0 = torch.stack([_rademacher(torch.Generator().manual_seed(int(sd)), (dim,), device) for sd in seeds])
-        nodes, weights, total = lanczos_lockstep(f, V0, n_iter)
+        nodes, weights, total = lanczos_lockstep(f, V0, n_iter, **kw)
         return SpectralDensity(nodes=nodes, weights=weights, n=int(dim), n_hvp=total)
-    nodes, weights, total, dim = [], [], 0, None
+    rows, dim, total = [], None, 0
     for r in range(n_runs):
-        opr = op(r) if per_run else op
-        res = lanczos(opr, 1, n=n, n_iter=n_iter, seed=int(seeds[r]))
-        if dim is None:
-            dim = _as_rows_fn(opr, n)[1]
-        nodes.append(res.ritz_values)
-        weights.append(res.ritz_weights)
-        total += res.n_hvp
-    m = max(len(x) for x in nodes)
+        f, d, device = _as_rows_fn(op(r), None, check_symmetric=True)
+        if dim is not None and d != dim:
+            raise ValueError(f"op: operator {r} has dimension {d}, operator 0 has {dim}")
+        dim = d
+        v = _rademacher(torch.Generator().manual_seed(int(seeds[r])), (1, dim), device)
+        nd, wt, cnt = lanczos_lockstep(f, v, n_iter, **kw)
+        rows.append((nd[0], wt[0]))
+        total += cnt
+    m = max(a.size for a, _ in rows)
     N = np.full((n_runs, m), np.nan)
     W = np.zeros((n_runs, m))
-    for r, (a, b) in enumerate(zip(nodes, weights)):
-        N[r, :len(a)] = a
-        W[r, :len(b)] = b / b.sum()
+    for r, (a, b) in enumerate(rows):
+        N[r, :a.size] = a
+        W[r, :b.size] = b
     return SpectralDensity(nodes=N, weights=W, n=int(dim), n_hvp=total)
 
 

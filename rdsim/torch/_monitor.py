@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import math
 import os
 import tempfile

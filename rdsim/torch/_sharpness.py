@@ -13,7 +13,7 @@ from torch import nn
 from .._dimension import weighted_kaplan_yorke
 from .._sharpness import (SharpnessResult, _minibatches, check_batch_size, check_lr, check_method, check_options,
                           exact_sharpness_values, jackknife_sd, pseudo_spectrum)
-from ._hessian import HessianOperator, SpectralDensity, lanczos, lanczos_lockstep
+from ._hessian import HessianOperator, SpectralDensity, _check_basis, lanczos, lanczos_lockstep
 
 __all__ = ["sharpness_dimension", "minibatch_hessian_eigenvalues"]
 
@@ -102,7 +102,8 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
                         method: str = "exact", n_batches: int = 32, seed: int = 0, n_iter: int | None = None,
                         dtype=None, chunk_size: int | None = 128, baselines: bool = True, eval_batch: int = 4096,
                         dense_max: int = DENSE_MAX, rank_tol: float = 1e-9, basis_bytes: float = 2e9,
-                        progress: bool = False, **options) -> SharpnessResult:
+                        reorth: str = "full", basis_dtype=None, basis_device=None, progress: bool = False,
+                        **options) -> SharpnessResult:
     """The sharpness dimension of SGD (learning rate ``lr``, minibatches of ``batch_size``) at a model's parameters.
 
     Methods (MATH.md §4; defaults in :data:`rdsim._sharpness.DEFAULTS`):
@@ -113,7 +114,7 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
       mean, SD = Kaplan-Yorke formula; ``stderr`` is the jackknife over minibatches.
     * ``"slq"``, ``"kde"``, ``"ps"``: one Lanczos run of ``n_iter`` steps (default 100) from a
       Rademacher vector per minibatch (``n_batches`` runs, a fresh minibatch each, full
-      reorthogonalisation), the Ritz values pooled with total mass N, then the histogram
+      reorthogonalisation unless ``reorth="none"``), the Ritz values pooled with total mass N, then the histogram
       (``bins``), kernel density (``bandwidth``, ``grid``) or equal-mass quantile (``n_quantiles``)
       pseudo-spectrum of z = log(|1 - lr alpha| + eps) and the weighted formula.
 
@@ -131,6 +132,14 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
         n_iter: Lanczos steps per SLQ run; dtype: evaluation dtype (default float64 for "exact",
             the parameters' dtype otherwise); chunk_size: HVP columns per vmap.
         eval_batch: samples per forward pass for the full-data lambda_max.
+        basis_bytes: SLQ methods: the runs go in lockstep groups whose Krylov bases take at most
+            about this many bytes (group x n_iter x N x itemsize; at least one run per group).
+        reorth, basis_dtype, basis_device: SLQ methods: the Lanczos basis (see :func:`rdsim.torch.slq`):
+            ``reorth="none"`` (no basis, the three-term recurrence: much faster at large N, ghost
+            Ritz values that leave the density nearly unchanged), ``basis_dtype=torch.float32``
+            (half the memory; default float64), ``basis_device="cpu"`` (keep the bases off the
+            accelerator). The lambda_max baseline uses ``basis_dtype`` and ``basis_device`` with
+            full reorthogonalisation.
         progress: a progress bar over minibatches.
         **options: eps, bins, bin_value, grid, bandwidth, n_quantiles.
 
@@ -152,6 +161,8 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     """
     lr = check_lr(lr)
     method = check_method(method)
+    basis_dtype, basis_device, reorth = _check_basis(basis_dtype, basis_device, reorth, allow_none=True,
+                                                     where="sharpness_dimension")
     check_options(options)
     if isinstance(n_batches, bool) or not isinstance(n_batches, (int, np.integer)) or n_batches < 1:
         raise ValueError(f"n_batches: expected a positive integer, got {n_batches!r}")
@@ -194,8 +205,10 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     else:
         m = min(N, 100 if n_iter is None else int(n_iter))
         # runs in lockstep groups: each step one vmapped product over (vector, minibatch) pairs;
-        # the group size bounds the Krylov bases (group * m * N float64) to ~``basis_bytes``
-        group = max(1, min(len(batches), int(basis_bytes // (8 * m * N))))
+        # the group size bounds the Krylov bases (group * m * N * itemsize) to ~``basis_bytes``
+        per_run = 0 if reorth == "none" else m * N * basis_dtype.itemsize
+        group = len(batches) if per_run == 0 else max(1, min(len(batches), int(basis_bytes // per_run)))
+        lkw = dict(reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device)
         nodes = np.full((len(batches), m), np.nan)
         wts = np.zeros((len(batches), m))
         starts = range(0, len(batches), group)
@@ -211,11 +224,11 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
                                .to(torch.float64) * 2 - 1) for sd in seeds[s0:s0 + group]]).to(full.device)
             if bs == n_samples:  # one batch for every run: plain vmapped products (much faster)
                 opb = full.on_batch(Xd, yd)
-                nd, wt, _ = lanczos_lockstep(lambda V: opb._rows(V.to(full.dtype)), V0, m)
+                nd, wt, _ = lanczos_lockstep(lambda V: opb._rows(V.to(full.dtype)), V0, m, **lkw)
                 n_hvp += opb.n_hvp
             else:  # run r multiplies by the Hessian of its own minibatch: vmapped over (vector, batch)
                 before = full.n_hvp
-                nd, wt, _ = lanczos_lockstep(lambda V: full._rows_multi(V.to(full.dtype), Xs, ys), V0, m)
+                nd, wt, _ = lanczos_lockstep(lambda V: full._rows_multi(V.to(full.dtype), Xs, ys), V0, m, **lkw)
                 n_hvp += full.n_hvp - before
             nodes[s0:s0 + len(sel), :nd.shape[1]] = nd
             wts[s0:s0 + len(sel), :wt.shape[1]] = wt
@@ -226,10 +239,12 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
         vals, mult = vals[order], mult[order]
         value = weighted_kaplan_yorke(vals, mult, argname="lambdas")
         trace = dens.trace()
-        extra = dict(weights=mult, density=dens, options={**opts, "n_iter": m})
+        extra = dict(weights=mult, density=dens, options={**opts, "n_iter": m, "reorth": reorth,
+                                                          "basis_dtype": str(basis_dtype).replace("torch.", "")})
     if baselines:
         before = full.n_hvp
-        lam_max = float(lanczos(full, 1, which="LA", tol=1e-6, seed=int(seed)).eigenvalues[0])
+        lam_max = float(lanczos(full, 1, which="LA", tol=1e-6, seed=int(seed), basis_dtype=basis_dtype,
+                                basis_device=basis_device).eigenvalues[0])
         n_hvp += full.n_hvp - before
     return SharpnessResult(value=value, method=method, lambdas=vals, rds_sharpness=float(vals[0]),
                            lambda_max=lam_max, trace=trace, lr=lr, batch_size=bs, n_batches=len(batches),
