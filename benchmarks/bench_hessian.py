@@ -12,8 +12,9 @@ version with smaller models and fewer repeats):
      parameters) on digits upsampled to 28x28 (bilinear ``torch.nn.functional.interpolate``):
      seconds and HVPs per minibatch and the rank found by the range finder, for b = 32 and 128,
      against the dense route (n HVPs + ``eigvalsh``) on one batch, with the eigenvalue error;
-  3. SLQ sharpness dimension on a ~300k-parameter MLP (784-380-10) in float32: HVPs, seconds,
-     seconds per HVP.
+  3. SLQ sharpness dimension on a ~300k-parameter MLP (784-380-10), float32 HVPs, 8 runs x 100
+     steps: the float64 Lanczos basis, a float32 basis and ``reorth="none"`` side by side (seconds,
+     speed-up, SD, Ritz-value difference against the float64 basis).
 
 The machine is shared: wall times are best-of-N where cheap and drift between runs; HVP counts
 are deterministic (seeded).
@@ -266,21 +267,39 @@ def part_exact_sd(quick, force_dense=False):
 # -- 3. SLQ SD on ~300k parameters ---------------------------------------------------------------
 
 def part_slq(quick):
+    """SLQ SD on a ~300k-parameter MLP: the float64 basis (today's default), a float32 basis and
+    ``reorth="none"``, same minibatches and start vectors, side by side."""
     X, y = digits28()
     width, R, m = (64, 2, 30) if quick else (380, 8, 100)
     model = train(models.MLP(784, 10, width=width, depth=2, seed=0), X, y, 100)
     n = models.num_parameters(model)
     b = 128
-    print(f"\n[3] SLQ SD (float32) on MLP(784, 10, width={width}, depth=2): {n} parameters, digits 28x28, "
-          f"batch {b}, {R} minibatches x n_iter={m} (lockstep, full reorthogonalisation); lambda_max baseline off")
-    with hvp_clock() as clk:
-        t, r = timed(lambda: sharpness_dimension(model, LOSS, (X, y), lr=0.1, batch_size=b, method="slq",
-                                                 n_batches=R, n_iter=m, dtype=torch.float32, baselines=False), 1)
-    print(f"  {'HVPs':>6} {'seconds':>8} {'s/HVP (all-in)':>15} {'in HVPs':>8} {'s/HVP (HVPs only)':>18} {'SD':>10}")
-    print(f"  {r.n_hvp:>6d} {t:>8.1f} {t / r.n_hvp:>15.4f} {clk.seconds / t:>8.0%} {clk.seconds / r.n_hvp:>18.4f} "
-          f"{r.value:>10.2f}")
-    print("  (the rest is the lockstep Lanczos: full reorthogonalisation of R bases of up to n_iter float64 vectors)")
-    return t, r
+    print(f"\n[3] SLQ SD (float32 HVPs) on MLP(784, 10, width={width}, depth=2): {n} parameters, digits 28x28, "
+          f"batch {b}, {R} minibatches x n_iter={m} (lockstep); lambda_max baseline off")
+    variants = (("full, float64 basis", dict(reorth="full", basis_dtype=torch.float64)),
+                ("full, float32 basis", dict(reorth="full", basis_dtype=torch.float32)),
+                ("reorth='none'", dict(reorth="none")))
+    print(f"  {'variant':<22} {'HVPs':>6} {'seconds':>8} {'in HVPs':>8} {'speed-up':>9} {'SD':>10} "
+          f"{'max|dRitz|/|H|':>15} {'top Ritz':>12}")
+    rows = []
+    for name, kw in variants:
+        with hvp_clock() as clk:
+            t, r = timed(lambda: sharpness_dimension(model, LOSS, (X, y), lr=0.1, batch_size=b, method="slq",
+                                                     n_batches=R, n_iter=m, dtype=torch.float32, baselines=False,
+                                                     **kw), 1)
+        rows.append((name, t, r, clk.seconds))
+    ref = rows[0][2]
+    ref_nodes = np.asarray(ref.density.nodes)
+    scale = float(np.nanmax(np.abs(ref_nodes)))
+    for name, t, r, hv in rows:
+        nodes = np.asarray(r.density.nodes)
+        d = (f"{np.nanmax(np.abs(nodes - ref_nodes)) / scale:>15.1e}" if nodes.shape == ref_nodes.shape
+             else f"{'(ghosts)':>15}")
+        print(f"  {name:<22} {r.n_hvp:>6d} {t:>8.1f} {hv / t:>8.0%} {rows[0][1] / t:>8.2f}x {r.value:>10.2f} "
+              f"{d} {float(np.nanmax(nodes)):>12.6g}")
+    print(f"  SD difference: float32 basis {rows[1][2].value - ref.value:+.3g}, reorth='none' "
+          f"{rows[2][2].value - ref.value:+.3g} (of N = {n})")
+    return rows
 
 
 def main(argv=None):
