@@ -20,6 +20,8 @@ Functions:
 * :func:`sd_vs_gap`: a complexity measure vs the generalization gap over a (lr x batch size) grid.
 * :func:`attractor`: a 2-D projection of attractor samples (fast for ~1e6 points).
 * :func:`ladder`: the dimension ladder D^(m) vs m with D_KY and SD (MATH.md §5).
+* :func:`monitor_records`: a monitored training run (:class:`rdsim.torch.TrainingMonitor`):
+  sharpness against 2/eta(t), the top exponents, SD and tr H over the steps.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "sd_vs_gap",
     "attractor",
     "ladder",
+    "monitor_records",
 ]
 
 #: Landmarks of the balanced uv map x' = x(1 + a - a x^2) (MATH.md §7): the fixed point x = 1 loses
@@ -1013,3 +1016,88 @@ def ladder(result, *, stderr: Mapping | None = None, d_ky=None, sd=None, ax=None
     ax.set_ylabel("dimension D⁽ᵐ⁾")
     ax.legend(fontsize="small", loc="best")
     return ax
+
+
+def _monitor_columns(records) -> dict[str, np.ndarray]:
+    """Columns {name: float array} from a TrainingMonitor, its ``table()``, or its ``records`` list."""
+    if hasattr(records, "table") and callable(records.table):
+        return records.table()
+    if isinstance(records, Mapping):
+        return {str(k): np.asarray(v, dtype=np.float64) for k, v in records.items()}
+    if isinstance(records, Sequence) and not isinstance(records, str) and all(isinstance(r, Mapping) for r in records):
+        keys: list[str] = []
+        for r in records:
+            keys += [k for k in r if k not in keys]
+        return {k: np.array([r.get(k, np.nan) for r in records], dtype=np.float64) for k in keys}
+    raise ValueError("records: expected a TrainingMonitor, its table() {name: values} or its records "
+                     f"[{{name: value}}, ...], got {type(records).__name__}")
+
+
+def monitor_records(records, *, max_exponents: int = 4, figsize=None):
+    """A training run seen by :class:`rdsim.torch.TrainingMonitor`: one panel per quantity recorded.
+
+    Panels, in this order, where the records hold them: sharpness lambda_max(H) with the stability
+    threshold 2/eta(t) of the current learning rate (log scale: the edge of stability is where the
+    two meet); the top Lyapunov exponents per step (``lyapunov_1 ...``; the running estimates of the
+    monitor) with zero marked; the sharpness dimension SD; tr H.
+
+    Args:
+        records: a TrainingMonitor, its ``table()`` or its ``records`` (list of dicts with a ``step``).
+        max_exponents: at most this many exponents are drawn.
+        figsize: default (5.5, 2.2 per panel).
+
+    Returns:
+        The Figure (one Axes per panel, sharing the step axis).
+
+    Raises:
+        ValueError: no records, no ``step`` column, or nothing to draw.
+
+    Example:
+        >>> import matplotlib; matplotlib.use("Agg")
+        >>> from rdsim import plot
+        >>> recs = [{"step": s, "lr": 0.1, "sharpness": 5.0 + s / 100, "two_over_lr": 20.0,
+        ...          "lyapunov_1": 0.01, "sd": 2.0} for s in (0, 100, 200)]
+        >>> [ax.get_ylabel() for ax in plot.monitor_records(recs).axes]
+        ['curvature', 'exponent per step', 'SD']
+    """
+    cols = _monitor_columns(records)
+    if "step" not in cols or cols["step"].size == 0:
+        raise ValueError("records: no records with a 'step' (the monitor records at every= steps)")
+    if isinstance(max_exponents, bool) or not isinstance(max_exponents, (int, np.integer)) or max_exponents < 1:
+        raise ValueError(f"max_exponents: expected a positive integer, got {max_exponents!r}")
+    steps = cols["step"]
+    exps = sorted((k for k in cols if k.startswith("lyapunov_") and k[9:].isdigit()), key=lambda k: int(k[9:]))
+    exps = exps[:max_exponents]
+    has = {name: name in cols and np.isfinite(cols[name]).any() for name in ("sharpness", "sd", "trace")}
+    panels = [p for p, ok in (("sharpness", has["sharpness"]), ("lyapunov", bool(exps)), ("sd", has["sd"]),
+                              ("trace", has["trace"])) if ok]
+    if not panels:
+        raise ValueError("records: nothing to draw (no sharpness, lyapunov_i, sd or trace values)")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False, layout="constrained",
+                             figsize=figsize or (5.5, 2.2 * len(panels)))
+    axes = axes[:, 0]
+    for ax, panel in zip(axes, panels):
+        if panel == "sharpness":
+            ax.plot(steps, cols["sharpness"], marker="o", ms=3, lw=1.2, color="C0", label="λ_max(H)")
+            if "lr" in cols and np.isfinite(cols["lr"]).any():
+                with np.errstate(divide="ignore"):
+                    thr = np.where(cols["lr"] > 0, 2.0 / cols["lr"], np.nan)
+                ax.plot(steps, thr, ls="--", lw=1.0, color="C3", label="2/η(t)")
+            ax.set_yscale("log")
+            ax.set_ylabel("curvature")
+        elif panel == "lyapunov":
+            for i, key in enumerate(exps):
+                ax.plot(steps, cols[key], lw=1.2, color=f"C{i}", label=f"λ{_sub(int(key[9:]))}")
+            ax.axhline(0.0, color="0.5", lw=0.8)
+            ax.set_ylabel("exponent per step")
+        elif panel == "sd":
+            ax.plot(steps, cols["sd"], marker="o", ms=3, lw=1.2, color="C2", label="SD")
+            ax.set_ylabel("SD")
+        else:
+            ax.plot(steps, cols["trace"], marker="o", ms=3, lw=1.2, color="C4", label="tr H")
+            ax.set_ylabel("tr H")
+        ax.legend(fontsize="small", loc="best")
+    axes[-1].set_xlabel("training step")
+    return fig

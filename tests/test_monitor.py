@@ -144,6 +144,22 @@ def test_scheduler_learning_rate_is_followed():
     np.testing.assert_allclose(tab["sharpness"], alpha.max(), rtol=1e-6)
     np.testing.assert_allclose(tab["two_over_lr"], [2 / lrs[s] for s in (0, 10, 20, 30)])
     assert np.all(tab["sharpness_seconds"] >= 0) and np.all(tab["monitor_seconds"] >= 0)
+    # the figure: sharpness with 2/eta(t) (the scheduler's learning rates), the exponents over time
+    import matplotlib
+    matplotlib.use("Agg")
+    from rdsim import plot
+    fig = plot.monitor_records(mon)
+    ax_curv, ax_exp = fig.axes
+    lines = {ln.get_label(): ln for ln in ax_curv.get_lines()}
+    np.testing.assert_allclose(lines["2/η(t)"].get_ydata(), [2 / lrs[s] for s in (0, 10, 20, 30)])
+    np.testing.assert_allclose(lines["λ_max(H)"].get_ydata(), alpha.max(), rtol=1e-6)
+    assert ax_exp.get_ylabel() == "exponent per step" and len(ax_exp.get_lines()) == 1 + min(4, X.shape[1])
+    assert plot.monitor_records(mon.records, max_exponents=2).axes[1].get_lines()[1].get_label() == "λ₂"
+    with pytest.raises(ValueError, match="records"):
+        plot.monitor_records([])
+    with pytest.raises(ValueError, match="records"):
+        plot.monitor_records([{"step": 0, "lr": 0.1}])
+    matplotlib.pyplot.close("all")
 
 
 def test_records_csv_sd_trace_and_writer(tmp_path):
