@@ -257,3 +257,7 @@ def test_dataset_and_loader_as_data():
         np.testing.assert_array_equal(res.exponents, ref.exponents)
     with pytest.raises(TypeError, match="data"):
         rt.OptimizerMap(net, F.mse_loss, 3.0, optim.sgd(0.1, 6))
+    # HessianOperator: a Dataset is one batch of all samples; a DataLoader's batches average to the same H
+    H_ref = rt.HessianOperator(net, F.mse_loss, (X, y)).dense()
+    for data in (ds, Pairs(), torch.utils.data.DataLoader(ds, batch_size=8)):
+        torch.testing.assert_close(rt.HessianOperator(net, F.mse_loss, data).dense(), H_ref, rtol=0, atol=1e-12)

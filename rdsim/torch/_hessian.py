@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from ._data import as_pair
 
 __all__ = ["HessianOperator", "LanczosResult", "SpectralDensity", "dense_hessian", "hessian_eigenvalues",
            "hutchinson_trace", "hutchpp_trace", "lanczos", "lanczos_lockstep", "slq"]
@@ -72,8 +73,9 @@ class HessianOperator:
     Args:
         model: the network (not modified; its parameters at construction are the point w).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (the mean over the batch).
-        data: one batch ``(inputs, targets)`` or an iterable of such batches (a list, a DataLoader);
-            batches are moved to the device once, at construction.
+        data: one batch ``(inputs, targets)``, an iterable of such batches (a list, a DataLoader:
+            its batches as it yields them), or a ``torch.utils.data.Dataset`` of (input, target)
+            samples (one batch of all of them); batches are moved to the device once, at construction.
         params: the point w as a flat vector (default: the model's trainable parameters).
         dtype: evaluation dtype (default: the parameters'); ``torch.float64`` for accuracy.
         device: default: the parameters' device.
@@ -157,8 +159,12 @@ class HessianOperator:
         def is_pair(b):
             return isinstance(b, (tuple, list)) and len(b) == 2 and not isinstance(b[0], (tuple, list))
 
+        from torch.utils.data import Dataset
+
         if is_pair(data) and isinstance(data[0], (torch.Tensor, np.ndarray)):
             raw = [data]
+        elif isinstance(data, Dataset):  # a data set of samples: one batch, all of it
+            raw = [as_pair(data)]
         else:
             try:
                 raw = list(data)
