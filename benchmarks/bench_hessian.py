@@ -15,6 +15,9 @@ version with smaller models and fewer repeats):
   3. SLQ sharpness dimension on a ~300k-parameter MLP (784-380-10), float32 HVPs, 8 runs x 100
      steps: the float64 Lanczos basis, a float32 basis and ``reorth="none"`` side by side (seconds,
      speed-up, SD, Ritz-value difference against the float64 basis).
+  S. (``--structured``; alone: ``--parts '' --structured``) exact SD on the paper's MLP, today's route
+     (``structured=False``: the range finder) against the structured first-layer route (the reduced
+     network fed X_B U), b = 32 and 128: seconds per minibatch, ratio, eigenvalue difference / ||H||.
 
 The machine is shared: wall times are best-of-N where cheap and drift between runs; HVP counts
 are deterministic (seeded).
@@ -302,11 +305,42 @@ def part_slq(quick):
     return rows
 
 
+# -- structured exact SD (first layer through the batch's row space) ---------------------------------
+
+def part_structured_sd(quick):
+    """Exact SD on the paper's MLP (784-16-16-10, no bias): today's route (``structured=False``: the
+    range finder above ``dense_max``) against the structured first-layer route, same minibatches; prints
+    seconds per minibatch, the ratio, the max eigenvalue difference relative to ||H|| and both SDs."""
+    X, y = digits28()
+    runs = ((32, 2),) if quick else ((32, 4), (128, 2))
+    model = train(models.paper_mlp(784, 10, seed=0), X, y, 200)
+    n = models.num_parameters(model)
+    print(f"\n[S] exact SD, structured first layer vs today's route, paper_mlp(784, 10): {n} parameters, digits "
+          f"28x28, 200 Adam steps, float64, lambda_max baseline off")
+    print(f"  {'b':>4} {'K':>3} {'today s/batch':>14} {'route':>13} {'structured s/batch':>19} {'ratio':>7} "
+          f"{'max|dev|/|H|':>13} {'SD today':>10} {'SD struct':>10} {'neutral':>8}")
+    out = {}
+    for b, K in runs:
+        kw = dict(lr=0.1, batch_size=b, method="exact", n_batches=K, baselines=False, seed=0)
+        t_old, r_old = timed(lambda: sharpness_dimension(model, LOSS, (X, y), structured=False, **kw), 1)
+        t_new, r_new = timed(lambda: sharpness_dimension(model, LOSS, (X, y), structured=True, **kw), 1)
+        assert r_new.options["route"] == "structured", r_new.options
+        scale = float(np.max(np.abs(r_old.eigenvalues)))
+        dev = float(np.max(np.abs(r_old.eigenvalues - r_new.eigenvalues))) / scale
+        out[b] = t_old / t_new
+        print(f"  {b:>4} {K:>3} {t_old / K:>14.3f} {str(r_old.options['route']):>13} {t_new / K:>19.3f} "
+              f"{t_old / t_new:>6.1f}x {dev:>13.1e} {float(r_old.value):>10.3f} {float(r_new.value):>10.3f} "
+              f"{r_new.n_neutral:>8.0f}")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke version (< 1 min)")
     ap.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--structured", action="store_true",
+                    help="also run part S: structured exact SD vs today's route (alone: --parts '' --structured)")
     ap.add_argument("--dense", action="store_true", help="part 2: run the dense eigvalsh even when estimated > 3 min")
     args = ap.parse_args([] if argv is None else argv)
     torch.manual_seed(0)
@@ -321,6 +355,8 @@ def main(argv=None):
         part_exact_sd(args.quick, args.dense)
     if "3" in args.parts:
         part_slq(args.quick)
+    if args.structured:
+        part_structured_sd(args.quick)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

@@ -20,6 +20,16 @@ dimension:
 
 All end in the weighted Kaplan-Yorke formula D = sum_{r<=j} w_r + S_j / |z_{j+1}| of MATH.md §4.
 
+Neutral directions and the zero tolerance (issue 12): a minibatch Hessian of rank below N has
+exactly-zero eigenvalues that ``eigvalsh`` returns as +-1e-17; their z = log|1 - eta alpha| come out
+as +-1e-17 and a partial sum of -1e-17 stops the Kaplan-Yorke count one direction early. So, per
+minibatch, an eigenvalue alpha with min(|alpha|, |alpha - 2/eta|) <= ``rank_tol * ||H_B||`` (||H_B|| =
+max |alpha| of that minibatch; default ``rank_tol`` = 1e-9, the range finder's own tolerance) is
+*neutral*: its z is set to exactly 0 before the formula (|1 - eta alpha| = 1 to that tolerance).
+Directions with z > 0 after this are *expanding*, z < 0 *contracting*. SLQ-based methods classify
+the Ritz values the same way (band ``max(rank_tol, 1e3 eps(dtype)) * max|alpha~|``, their masses
+counted: density-weighted estimates); their formula values keep the +eps of the paper's transform.
+
 Defaults (rdsim's choices; the paper does not fix them): eps = 1e-6, bins = 200 with bin means,
 KDE grid 2000 points and Silverman's bandwidth on the weighted sample, M = min(N, 2000) quantiles.
 """
@@ -63,6 +73,15 @@ class SharpnessResult:
         density: SLQ methods: the :class:`rdsim.torch.SpectralDensity` (Ritz values and weights).
         options: the estimator settings used (eps, bins, bandwidth, ...).
         n_hvp: Hessian-vector products used (0 for analytic Hessians).
+        n_expanding, n_neutral, n_contracting: directions with z = log|1 - eta alpha| above, within
+            and below the neutral tolerance (module docstring: min(|alpha|, |alpha - 2/eta|) <=
+            ``rank_tol * ||H_B||``), averaged over the minibatches ("exact"); for the SLQ-based
+            methods the Ritz masses in each class, pooled (density-weighted estimates, summing to N).
+        neutral_share: the share of ``value`` contributed by neutral directions: the neutral
+            weight among the formula's values (the lambda_i that are exactly 0 for "exact"; the
+            neutral Ritz mass for SLQ methods) over ``value``. Neutral values (z = 0, or +eps) are
+            always counted in full, since the partial sums are non-negative up to them. NaN if
+            ``value`` is 0.
     """
 
     value: Dimension
@@ -81,13 +100,21 @@ class SharpnessResult:
     density: object | None = None
     options: dict = dataclasses.field(default_factory=dict)
     n_hvp: int = 0
+    n_expanding: float = float("nan")
+    n_neutral: float = float("nan")
+    n_contracting: float = float("nan")
+    neutral_share: float = float("nan")
 
     def __float__(self) -> float:
         return float(self.value)
 
     def __repr__(self) -> str:
         err = f" ± {self.stderr:.3g}" if np.isfinite(self.stderr) else ""
-        return (f"SharpnessResult(value={float(self.value):.4f}{err}, method={self.method!r}, "
+        cnt = ""
+        if np.isfinite(self.n_neutral):
+            cnt = (f", expanding/neutral/contracting={self.n_expanding:.4g}/{self.n_neutral:.4g}/"
+                   f"{self.n_contracting:.4g} (neutral share {self.neutral_share:.3g})")
+        return (f"SharpnessResult(value={float(self.value):.4f}{err}, method={self.method!r}{cnt}, "
                 f"rds_sharpness={self.rds_sharpness:.4g}, lambda_max={self.lambda_max:.4g}, "
                 f"trace={self.trace:.4g}, lr={self.lr:g}, batch_size={self.batch_size}, N={self.n_params})")
 
@@ -124,13 +151,68 @@ def log_contraction(alphas, lr, eps=0.0) -> np.ndarray:
         return np.log(np.abs(1.0 - lr * np.asarray(alphas, dtype=np.float64)) + eps)
 
 
-def exact_sharpness_values(eigenvalues, lr):
-    """(lambdas (N,) descending, per-batch z (K, N)) from per-minibatch Hessian eigenvalues (K, N)."""
+#: default relative tolerance of a neutral eigenvalue (min(|alpha|, |alpha - 2/eta|) <= rank_tol ||H_B||)
+RANK_TOL = 1e-9
+
+
+def check_rank_tol(rank_tol) -> float:
+    if (isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float, np.integer, np.floating))
+            or not math.isfinite(rank_tol) or not 0 <= rank_tol < 1):
+        raise ValueError(f"rank_tol: expected a number in [0, 1), got {rank_tol!r}")
+    return float(rank_tol)
+
+
+def check_pos_int(value, name) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def neutral_mask(alphas, lr, tol, scale=None) -> np.ndarray:
+    """Where min(|alpha|, |alpha - 2/lr|) <= tol * scale (scale: max |alpha| by default; rows of a 2-D
+    array each get their own scale), i.e. |1 - lr alpha| = 1 to the tolerance."""
+    A = np.asarray(alphas, dtype=np.float64)
+    if scale is None:
+        scale = np.max(np.abs(A), axis=-1, keepdims=True) if A.size else 0.0
+    band = tol * scale
+    return (np.abs(A) <= band) | (np.abs(A - 2.0 / lr) <= band)
+
+
+def exact_sharpness_values(eigenvalues, lr, rank_tol=RANK_TOL):
+    """(lambdas (N,) descending, per-batch z (K, N), counts) from per-minibatch eigenvalues (K, N).
+
+    Neutral eigenvalues (:func:`neutral_mask` with ``rank_tol``, per minibatch) get z = 0 exactly;
+    ``counts`` = (n_expanding, n_neutral, n_contracting), each the mean over minibatches.
+    """
     E = np.atleast_2d(np.asarray(eigenvalues, dtype=np.float64))
-    Z = -np.sort(-log_contraction(E, lr), axis=1)
+    if not np.all(np.isfinite(E)):
+        raise ValueError("eigenvalues: the minibatch Hessian has non-finite entries or eigenvalues "
+                         "(NaN or inf in the loss, its gradient or its curvature at these parameters)")
+    neutral = neutral_mask(E, lr, rank_tol)
+    Z = log_contraction(E, lr)
+    Z[neutral] = 0.0
+    counts = (float(np.mean(np.sum(Z > 0, axis=1))), float(np.mean(np.sum(neutral, axis=1))),
+              float(np.mean(np.sum(Z < 0, axis=1))))
+    Z = -np.sort(-Z, axis=1)
     with np.errstate(invalid="ignore"):
         lam = Z.mean(axis=0)
-    return lam, Z
+    return lam, Z, counts
+
+
+def neutral_share(value, n_neutral_counted) -> float:
+    """The share of the dimension ``value`` from neutral values (counted in full, see SharpnessResult)."""
+    v = float(value)
+    return float(n_neutral_counted) / v if v > 0 else float("nan")
+
+
+def slq_counts(alphas, masses, lr, rank_tol, dtype_eps=np.finfo(np.float64).eps):
+    """(n_expanding, n_neutral, n_contracting) masses of pooled Ritz values (density-weighted)."""
+    a = np.asarray(alphas, dtype=np.float64)
+    w = np.asarray(masses, dtype=np.float64)
+    tol = max(rank_tol, 1e3 * float(dtype_eps))
+    neutral = neutral_mask(a, lr, tol, scale=float(np.max(np.abs(a))) if a.size else 0.0)
+    z = np.abs(1.0 - lr * a)
+    return (float(w[~neutral & (z > 1)].sum()), float(w[neutral].sum()), float(w[~neutral & (z < 1)].sum())), tol
 
 
 def jackknife_sd(Z) -> float:
@@ -294,8 +376,27 @@ def _minibatches(n_samples, batch_size, n_batches, seed):
     return [np.sort(rng.choice(n_samples, size=batch_size, replace=False)).astype(np.int64) for _ in range(n_batches)]
 
 
+def check_n_iter(n_iter, n):
+    """Lanczos steps per SLQ run: None (min(n, 100)) or a positive integer (capped at n)."""
+    if n_iter is None:
+        return min(n, DEFAULTS["n_iter"])
+    return min(n, check_pos_int(n_iter, "n_iter"))
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def check_flag(value, name) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
 def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_batches=32, seed=0,
-                             n_iter=None, baselines=True, **options) -> SharpnessResult:
+                             n_iter=None, baselines=True, rank_tol=RANK_TOL, **options) -> SharpnessResult:
     """The sharpness dimension of (S)GD on a toy loss (:mod:`rdsim.losses`) at the point x.
 
     The same estimators as :func:`rdsim.torch.sharpness_dimension`, with the minibatch Hessians
@@ -303,18 +404,32 @@ def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_
     minibatches; "slq", "kde" and "ps" run one Lanczos (``n_iter`` steps, Rademacher start) per
     minibatch on the dense H_B and pool the Ritz values.
 
+    Neutral directions: an eigenvalue with min(|alpha|, |alpha - 2/lr|) <= ``rank_tol * ||H_B||``
+    (||H_B|| = max |eig(H_B)| of that minibatch) is treated as exactly neutral, z = 0, before the
+    formula (the zero eigenvalues of a rank-deficient H_B come out of ``eigvalsh`` as +-1e-17 and
+    would otherwise stop the Kaplan-Yorke count early). The result counts expanding, neutral and
+    contracting directions (``n_expanding``, ``n_neutral``, ``n_contracting``, ``neutral_share``).
+
     Args:
         loss: a :class:`rdsim.losses.ToyLoss`.
-        x: the parameters (dim,).
+        x: the parameters (dim,), finite.
         lr: learning rate (> 0); batch_size: minibatch size (None: full batch, one batch).
-        method: "exact", "slq", "kde" or "ps"; n_batches: minibatches (SLQ runs).
-        seed: seeds the minibatches and the Lanczos start vectors.
-        n_iter: Lanczos steps per SLQ run (default min(dim, 100)).
+        method: "exact", "slq", "kde" or "ps"; n_batches: minibatches (SLQ runs), a positive integer.
+        seed: seeds the minibatches and the Lanczos start vectors (a non-negative integer).
+        n_iter: Lanczos steps per SLQ run, a positive integer (default min(dim, 100); capped at dim).
         baselines: also compute lambda_max(H) of the full loss.
+        rank_tol: the neutral tolerance above, in [0, 1) (default 1e-9).
         **options: eps, bins, bin_value, grid, bandwidth, n_quantiles (see ``DEFAULTS``).
 
     Returns:
         :class:`SharpnessResult`.
+
+    Raises:
+        TypeError: ``loss`` not a ToyLoss, ``baselines`` not a bool, an unknown option.
+        ValueError: naming the argument: non-finite or wrongly sized ``x``, ``lr`` <= 0,
+            ``batch_size``/``n_batches``/``n_iter`` not positive integers (or ``batch_size`` above
+            the sample count), a negative ``seed``, ``rank_tol`` outside [0, 1), an unknown
+            ``method``; a non-finite Hessian at ``x``.
 
     Example:
         >>> import numpy as np, rdsim
@@ -322,46 +437,66 @@ def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_
         >>> round(float(loss_sharpness_dimension(loss, np.zeros(3), lr=0.5).value), 4)
         2.1699
     """
+    from .losses import ToyLoss  # noqa: PLC0415
+
+    if not isinstance(loss, ToyLoss):
+        raise TypeError(f"loss: expected a rdsim.losses.ToyLoss, got {type(loss).__name__}")
     lr = check_lr(lr)
     method = check_method(method)
     check_options(options)
-    n_batches = int(n_batches)
-    if n_batches < 1:
-        raise ValueError(f"n_batches: expected a positive integer, got {n_batches!r}")
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    n_batches = check_pos_int(n_batches, "n_batches")
+    seed = check_seed(seed)
+    baselines = check_flag(baselines, "baselines")
+    rank_tol = check_rank_tol(rank_tol)
+    try:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"x: expected an array of {loss.dim} real numbers") from err
     if x.size != loss.dim:
         raise ValueError(f"x: expected {loss.dim} parameters, got {x.size}")
+    if not np.all(np.isfinite(x)):
+        bad = np.flatnonzero(~np.isfinite(x))
+        raise ValueError(f"x: the parameters must be finite; {bad.size} are not (first at index {bad[0]})")
+    if loss.n < 1:
+        raise ValueError("loss: has no samples")
     bs = loss.n if batch_size is None else check_batch_size(batch_size, loss.n)
+    m = check_n_iter(n_iter, loss.dim) if method != "exact" else None
     if bs == loss.n and method == "exact":
         n_batches = 1
     batches = _minibatches(loss.n, bs, n_batches, seed)
     N = loss.dim
     lam_max = trace = float("nan")
+
+    def hess(idx=None):
+        H = loss.hessian(x) if idx is None else loss.hessian(x, idx)
+        if not np.all(np.isfinite(H)):
+            raise ValueError("x: the Hessian of the loss at x is not finite (NaN or inf)"
+                             + ("" if idx is None else " on a minibatch"))
+        return 0.5 * (H + H.T)
+
     if baselines:
-        Hf = loss.hessian(x)
-        evf = np.linalg.eigvalsh(0.5 * (Hf + Hf.T))
+        evf = np.linalg.eigvalsh(hess())
         lam_max = float(evf[-1])
     if method == "exact":
         E = np.empty((len(batches), N))
         for i, idx in enumerate(batches):
-            H = loss.hessian(x, idx)
-            E[i] = np.linalg.eigvalsh(0.5 * (H + H.T))
-        lam, Z = exact_sharpness_values(E, lr)
+            E[i] = np.linalg.eigvalsh(hess(idx))
+        lam, Z, (n_exp, n_neu, n_con) = exact_sharpness_values(E, lr, rank_tol)
         value = weighted_kaplan_yorke(lam, argname="lambdas")
         trace = float(E.sum(axis=1).mean())
         return SharpnessResult(value=value, method=method, lambdas=lam, weights=np.ones(N), rds_sharpness=float(lam[0]),
                                lambda_max=lam_max, trace=trace, lr=lr, batch_size=bs, n_batches=len(batches),
-                               n_params=N, stderr=jackknife_sd(Z), eigenvalues=E, options={})
+                               n_params=N, stderr=jackknife_sd(Z), eigenvalues=E, options={"rank_tol": rank_tol},
+                               n_expanding=n_exp, n_neutral=n_neu, n_contracting=n_con,
+                               neutral_share=neutral_share(value, np.count_nonzero(lam == 0.0)))
     from .torch._hessian import SpectralDensity, lanczos  # noqa: PLC0415 (torch only when asked)
 
-    m = min(N, 100 if n_iter is None else int(n_iter))
     seeds = np.random.SeedSequence([int(seed), 7]).generate_state(len(batches))  # as rdsim.torch
     nodes = np.full((len(batches), m), np.nan)
     wts = np.zeros((len(batches), m))
     traces = []
     for r, idx in enumerate(batches):
-        H = loss.hessian(x, idx)
-        H = 0.5 * (H + H.T)
+        H = hess(idx)
         traces.append(float(np.trace(H)))
         res = lanczos(H, 1, n_iter=m, seed=int(seeds[r]))
         nodes[r, :res.ritz_values.size] = res.ritz_values
@@ -372,6 +507,10 @@ def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_
     order = np.argsort(-vals, kind="stable")
     vals, mult = vals[order], mult[order]
     value = weighted_kaplan_yorke(vals, mult, argname="lambdas")
+    (n_exp, n_neu, n_con), ntol = slq_counts(a, w, lr, rank_tol)
     return SharpnessResult(value=value, method=method, lambdas=vals, weights=mult, rds_sharpness=float(vals[0]),
                            lambda_max=lam_max, trace=float(np.mean(traces)), lr=lr, batch_size=bs,
-                           n_batches=len(batches), n_params=N, density=dens, options={**opts, "n_iter": m})
+                           n_batches=len(batches), n_params=N, density=dens,
+                           options={**opts, "n_iter": m, "rank_tol": rank_tol, "neutral_tol": ntol},
+                           n_expanding=n_exp, n_neutral=n_neu, n_contracting=n_con,
+                           neutral_share=neutral_share(value, n_neu))

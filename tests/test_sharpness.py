@@ -286,3 +286,170 @@ def test_bad_inputs(mlp_problem):
         rdsim.loss_sharpness_dimension(loss, np.zeros(2), lr=1.0, batch_size=2)
     with pytest.raises(ValueError, match="x: expected 2"):
         rdsim.loss_sharpness_dimension(loss, np.zeros(3), lr=1.0)
+
+
+# --- neutral directions: the zero tolerance and the counts (issues 12, 13) ----------------------------
+
+def test_zero_eigenvalues_of_rank_deficient_minibatches_count_as_neutral():
+    # least squares, 4 parameters, minibatches of 2: H_B = X_B^T X_B / 2 has two exact zeros, which
+    # eigvalsh returns as +-1e-17; lr = 0.1 contracts the other two, so SD = 2 exactly. Before the
+    # tolerance this seed gave 1.0 (a partial sum of -1.4e-17 stopped the count).
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((20, 4)), rng.standard_normal(20)
+    loss = rdsim.losses.least_squares(X, y)
+    res = rdsim.loss_sharpness_dimension(loss, np.zeros(4), lr=0.1, batch_size=2, n_batches=8, seed=0)
+    assert float(res.value) == 2.0
+    assert np.any(res.eigenvalues[:, :2] != 0)  # the raw eigenvalues are not exactly zero ...
+    assert res.lambdas[0] == 0.0 and res.lambdas[1] == 0.0  # ... their z are, before the formula
+    assert (res.n_expanding, res.n_neutral, res.n_contracting) == (0.0, 2.0, 2.0)
+    assert res.neutral_share == 1.0
+    assert res.options["rank_tol"] == 1e-9
+    # SD = 2 at every seed of ten
+    for s in range(10):
+        r = rdsim.loss_sharpness_dimension(loss, np.zeros(4), lr=0.1, batch_size=2, n_batches=8, seed=s)
+        assert float(r.value) == 2.0, s
+    # rank_tol = 0: only exact zeros are neutral (the old behaviour at this seed)
+    r0 = rdsim.loss_sharpness_dimension(loss, np.zeros(4), lr=0.1, batch_size=2, n_batches=8, seed=0, rank_tol=0.0)
+    assert float(r0.value) != 2.0
+
+
+def test_counts_oracle_numba_and_torch():
+    # lr = 0.5: 1 - lr alpha = -1.5, 0.5, 0.75, 1, 1, 1.1 -> expanding {5, -0.2}, neutral {0, 0}, contracting {1, 0.5}
+    A = np.diag([5.0, 1.0, 0.5, 0.0, 0.0, -0.2])
+    z = np.log(np.abs(1 - 0.5 * np.diag(A)))
+    expected = float(rdsim.sharpness_dimension(z))  # S: log 1.5 + log 1.1 + 0 + 0 + log .75 = 0.19 > 0
+    for method in ("exact", "slq"):
+        res = rdsim.loss_sharpness_dimension(rdsim.losses.quadratic(A), np.zeros(6), lr=0.5, method=method)
+        # (exact: integers; SLQ: Ritz masses, 2 to rounding)
+        assert (res.n_expanding, res.n_neutral, res.n_contracting) == pytest.approx((2, 2, 2), abs=1e-12), method
+        assert res.neutral_share == pytest.approx(2 / float(res.value))
+        assert "expanding/neutral/contracting=2/2/2" in repr(res)
+    assert float(rdsim.loss_sharpness_dimension(rdsim.losses.quadratic(A), np.zeros(6), lr=0.5).value) == \
+        pytest.approx(expected, abs=1e-12)
+    # torch: L(w) = 0.5 w^T A w as a one-sample "network" (the sample carries diag A), H = A
+    class Quad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+
+        def forward(self, x):
+            return 0.5 * (self.w * x[0] * self.w).sum().reshape(1)
+
+    data = (torch.tensor(np.diag(A), dtype=torch.float64).reshape(1, 6), torch.zeros(1, dtype=torch.float64))
+    lossf = lambda out, t: out.sum()  # noqa: E731
+    for method in ("exact", "slq"):
+        res = rt.sharpness_dimension(Quad(), lossf, data, lr=0.5, batch_size=1, method=method, n_batches=4,
+                                     n_iter=6, baselines=False)
+        assert (res.n_expanding, res.n_neutral, res.n_contracting) == pytest.approx((2, 2, 2)), method
+        assert float(res.value) == pytest.approx(expected, abs=1e-9 if method == "exact" else 0.05)
+
+
+def test_counts_of_the_exact_method_are_minibatch_means(mlp_problem):
+    model, X, y = mlp_problem
+    res = rt.sharpness_dimension(model, F.cross_entropy, (X, y), lr=3.0, batch_size=4, n_batches=3, seed=0,
+                                 baselines=False)
+    E = res.eigenvalues
+    scale = np.abs(E).max(axis=1, keepdims=True)
+    neutral = (np.abs(E) <= 1e-9 * scale) | (np.abs(E - 2 / 3.0) <= 1e-9 * scale)
+    assert res.n_neutral == pytest.approx(neutral.sum(axis=1).mean())
+    z = np.log(np.abs(1 - 3.0 * E))
+    assert res.n_expanding == pytest.approx(((z > 0) & ~neutral).sum(axis=1).mean())
+    assert res.n_expanding + res.n_neutral + res.n_contracting == pytest.approx(res.n_params)
+    assert res.n_neutral > 0  # 4 samples: rank-deficient
+    assert res.neutral_share == pytest.approx(np.count_nonzero(res.lambdas == 0) / float(res.value))
+
+
+# --- bad input (issue 12): exception type and the argument's name --------------------------------------
+
+def test_loss_sd_rejects_non_finite_parameters_and_hessians():
+    loss = rdsim.losses.quadratic(np.eye(3))
+    with pytest.raises(ValueError, match="x: the parameters must be finite"):
+        rdsim.loss_sharpness_dimension(loss, np.array([0.0, np.nan, 0.0]), lr=0.5)
+    with pytest.raises(ValueError, match="x: the parameters must be finite"):
+        rdsim.loss_sharpness_dimension(loss, np.array([0.0, np.inf, 0.0]), lr=0.5, method="slq")
+    # a finite point where the Hessian overflows: the DLN's curvature at huge weights
+    X = np.random.default_rng(0).standard_normal((5, 2))
+    dln = rdsim.losses.dln(X, np.ones(5), depth=3)
+    with pytest.raises(ValueError, match="Hessian .* not finite"):
+        rdsim.loss_sharpness_dimension(dln, np.full(dln.dim, 1e120), lr=0.5)
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(n_batches=0), ValueError, "n_batches"),
+    (dict(n_batches=2.5), ValueError, "n_batches"),
+    (dict(n_batches=True), ValueError, "n_batches"),
+    (dict(method="slq", n_iter=0), ValueError, "n_iter"),
+    (dict(method="slq", n_iter=-3), ValueError, "n_iter"),
+    (dict(method="slq", n_iter=2.0), ValueError, "n_iter"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=1.5), ValueError, "seed"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(batch_size=1.0), ValueError, "batch_size"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr="0.1"), ValueError, "lr"),
+    (dict(rank_tol=-1e-9), ValueError, "rank_tol"),
+    (dict(rank_tol=1.0), ValueError, "rank_tol"),
+    (dict(baselines="yes"), TypeError, "baselines"),
+    (dict(method="exakt"), ValueError, "method"),
+    (dict(method="slq", bins=0), ValueError, "bins"),
+    (dict(method="slq", eps=-1.0), ValueError, "eps"),
+    (dict(bandwith=1.0), TypeError, "estimator options"),
+])
+def test_loss_sd_argument_errors_name_the_argument(kw, exc, name):
+    loss = rdsim.losses.least_squares(np.random.default_rng(0).standard_normal((6, 3)), np.zeros(6))
+    args = dict(lr=0.5, batch_size=2)
+    args.update(kw)
+    with pytest.raises(exc, match=name):
+        rdsim.loss_sharpness_dimension(loss, np.zeros(3), **args)
+
+
+def test_loss_sd_rejects_a_non_loss():
+    with pytest.raises(TypeError, match="loss: expected a rdsim.losses.ToyLoss"):
+        rdsim.loss_sharpness_dimension(np.eye(3), np.zeros(3), lr=0.5)
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(method="slq", n_iter=0), ValueError, "n_iter"),
+    (dict(method="kde", n_iter=-1), ValueError, "n_iter"),
+    (dict(n_batches=1.5), ValueError, "n_batches"),
+    (dict(seed=-2), ValueError, "seed"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(batch_size=2.0), ValueError, "batch_size"),
+    (dict(lr=float("inf")), ValueError, "lr"),
+    (dict(rank_tol=2.0), ValueError, "rank_tol"),
+    (dict(eval_batch=0), ValueError, "eval_batch"),
+    (dict(dense_max=-1), ValueError, "dense_max"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(basis_bytes=0), ValueError, "basis_bytes"),
+    (dict(baselines=1), TypeError, "baselines"),
+    (dict(structured="auto"), TypeError, "structured"),
+    (dict(progress=None), TypeError, "progress"),
+])
+def test_torch_sd_argument_errors_name_the_argument(mlp_problem, kw, exc, name):
+    model, X, y = mlp_problem
+    args = dict(lr=1.0, batch_size=4, n_batches=2, baselines=False)
+    args.update(kw)
+    with pytest.raises(exc, match=name):
+        rt.sharpness_dimension(model, F.cross_entropy, (X, y), **args)
+
+
+def test_torch_sd_rejects_empty_mismatched_and_non_finite(mlp_problem):
+    model, X, y = mlp_problem
+    sd = rt.sharpness_dimension
+    with pytest.raises(ValueError, match="data: the training set is empty"):
+        sd(model, F.cross_entropy, (X[:0], y[:0]), lr=1.0, batch_size=1)
+    with pytest.raises(ValueError, match="data: inputs have 48 samples, targets 47"):
+        sd(model, F.cross_entropy, (X, y[:47]), lr=1.0, batch_size=4)
+    with pytest.raises(TypeError, match="data"):
+        sd(model, F.cross_entropy, ([1, 2], [3, 4]), lr=1.0, batch_size=1)
+    bad = MLP(5, 3, width=6, depth=2, seed=1).double()
+    with torch.no_grad():
+        next(bad.parameters())[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="params: the parameters are not finite"):
+        sd(bad, F.cross_entropy, (X, y), lr=1.0, batch_size=4)
+    # finite parameters, non-finite curvature: a loss that is NaN on the data
+    Xn = X.clone()
+    Xn[3, 2] = float("nan")
+    for method, kw in (("exact", {}), ("exact", dict(dense_max=8, structured=False)), ("slq", {})):
+        with pytest.raises(ValueError, match="eigenvalues: .*non-finite"):
+            sd(model, F.cross_entropy, (Xn, y), lr=1.0, batch_size=48, method=method, baselines=False, **kw)

@@ -11,11 +11,16 @@ import torch
 from torch import nn
 
 from .._dimension import weighted_kaplan_yorke
-from .._sharpness import (SharpnessResult, _minibatches, check_batch_size, check_lr, check_method, check_options,
-                          exact_sharpness_values, jackknife_sd, pseudo_spectrum)
+from .._sharpness import (RANK_TOL, SharpnessResult, _minibatches, check_batch_size, check_flag, check_lr,
+                          check_method, check_n_iter, check_options, check_pos_int, check_rank_tol, check_seed,
+                          exact_sharpness_values, jackknife_sd, neutral_share, pseudo_spectrum, slq_counts)
 from ._hessian import HessianOperator, SpectralDensity, _check_basis, lanczos, lanczos_lockstep
+from ._structured import structured_eigenvalues
 
 __all__ = ["sharpness_dimension", "minibatch_hessian_eigenvalues"]
+
+_NONFINITE = ("eigenvalues: the minibatch Hessian has non-finite entries (NaN or inf in the loss, its gradient "
+              "or its curvature at these parameters)")
 
 #: above this many parameters, the "exact" method finds the range of H_B adaptively instead of
 #: forming the dense Hessian (exact up to ``rank_tol``; see :func:`minibatch_hessian_eigenvalues`)
@@ -39,7 +44,10 @@ def minibatch_hessian_eigenvalues(op: HessianOperator, *, dense_max: int = DENSE
     """
     n = op.n_params
     if n <= dense_max:
-        return _eigvalsh(op.dense().to("cpu", torch.float64).numpy())
+        H = op.dense().to("cpu", torch.float64).numpy()
+        if not np.all(np.isfinite(H)):
+            raise ValueError(_NONFINITE)
+        return _eigvalsh(H)
     dev = op.device
     gen = torch.Generator().manual_seed(int(seed))
 
@@ -53,6 +61,8 @@ def minibatch_hessian_eigenvalues(op: HessianOperator, *, dense_max: int = DENSE
         c = min(block, n - Q.shape[1]) if Q.shape[1] < n else block
         Om = torch.randn((n, c), generator=gen, dtype=torch.float64).to(dev)
         Y = apply(Om)
+        if not bool(torch.isfinite(Y).all()):
+            raise ValueError(_NONFINITE)
         Oms.append(Om)
         Ys.append(Y)
         col = torch.linalg.vector_norm(Y, dim=0) / torch.linalg.vector_norm(Om, dim=0)
@@ -94,6 +104,16 @@ def _eigvalsh(A: np.ndarray) -> np.ndarray:
     return scipy.linalg.eigh(A, eigvals_only=True, driver="evr", check_finite=False)
 
 
+#: the structured route forms the reduced Hessian densely up to this size (above: range finder on it)
+STRUCTURED_DENSE_MAX = 4096
+
+
+def _check_nonneg_int(value, name) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _split(X, y, size):
     return [(X[s:s + size], y[s:s + size]) for s in range(0, X.shape[0], size)]
 
@@ -101,9 +121,9 @@ def _split(X, y, size):
 def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float, batch_size: int,
                         method: str = "exact", n_batches: int = 32, seed: int = 0, n_iter: int | None = None,
                         dtype=None, chunk_size: int | None = 128, baselines: bool = True, eval_batch: int = 4096,
-                        dense_max: int = DENSE_MAX, rank_tol: float = 1e-9, basis_bytes: float = 2e9,
+                        dense_max: int = DENSE_MAX, rank_tol: float = RANK_TOL, basis_bytes: float = 2e9,
                         reorth: str = "full", basis_dtype=None, basis_device=None, progress: bool = False,
-                        **options) -> SharpnessResult:
+                        structured: bool = True, **options) -> SharpnessResult:
     """The sharpness dimension of SGD (learning rate ``lr``, minibatches of ``batch_size``) at a model's parameters.
 
     Methods (MATH.md §4; defaults in :data:`rdsim._sharpness.DEFAULTS`):
@@ -112,11 +132,26 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
       (:func:`minibatch_hessian_eigenvalues`: dense up to ``dense_max`` parameters, an adaptive,
       verified range finder above), z_B = sorted log|1 - lr eig(H_B)|, lambda = the index-wise
       mean, SD = Kaplan-Yorke formula; ``stderr`` is the jackknife over minibatches.
+      Structured route (``structured=True``, the default): when the first trainable module is an
+      ``nn.Linear`` fed the raw (flattened) input, H_B's non-zero eigenvalues are those of the
+      dense Hessian of the same network with first layer W_1 U fed X_B U (U an orthonormal basis
+      of the row space of X_B, with a column of ones for a trainable bias; out x rank(X_B)
+      first-layer parameters instead of out x in); the other N - n_reduced eigenvalues are exactly
+      0 (neutral). Detected and guarded (see :mod:`rdsim.torch._structured`), else the route
+      above; ``options["route"]`` says which ran. On the paper's 784-16-16-10 MLP at b = 32 it is
+      over 10x faster than the range finder.
     * ``"slq"``, ``"kde"``, ``"ps"``: one Lanczos run of ``n_iter`` steps (default 100) from a
       Rademacher vector per minibatch (``n_batches`` runs, a fresh minibatch each, full
       reorthogonalisation unless ``reorth="none"``), the Ritz values pooled with total mass N, then the histogram
       (``bins``), kernel density (``bandwidth``, ``grid``) or equal-mass quantile (``n_quantiles``)
       pseudo-spectrum of z = log(|1 - lr alpha| + eps) and the weighted formula.
+
+    Neutral directions: per minibatch, eigenvalues with min(|alpha|, |alpha - 2/lr|) <=
+    ``rank_tol * ||H_B||`` get z = 0 exactly before the formula (rank-deficient minibatch Hessians
+    have exact zeros that ``eigvalsh`` returns as +-1e-17). ``n_expanding``, ``n_neutral``,
+    ``n_contracting`` count z > 0, = 0, < 0 (means over minibatches); for the SLQ-based methods they
+    are density-weighted estimates (the pooled Ritz masses in each class, neutral band
+    ``max(rank_tol, 1e3 eps(dtype)) * max|alpha~|``), which sum to N.
 
     Baselines (``baselines=True``): ``rds_sharpness`` (lambda_1), ``lambda_max`` (of the full-data
     Hessian, Lanczos to 1e-6) and ``trace`` (mean of tr(H_B) over the minibatches for "exact"; the
@@ -141,14 +176,20 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
             accelerator). The lambda_max baseline uses ``basis_dtype`` and ``basis_device`` with
             full reorthogonalisation.
         progress: a progress bar over minibatches.
+        rank_tol: the range finder's tolerance and the neutral tolerance above, in [0, 1).
+        structured: "exact": allow the structured first-layer route (False: never).
         **options: eps, bins, bin_value, grid, bandwidth, n_quantiles.
 
     Returns:
         :class:`rdsim.SharpnessResult`.
 
     Raises:
-        ValueError / TypeError: lr <= 0, batch_size above the data size, an unknown method or
-            option, n_batches < 1, BatchNorm or dropout in train mode, a non-scalar loss.
+        ValueError / TypeError, naming the argument: lr <= 0, batch_size not a positive integer or
+            above the data size, an unknown method or option, n_batches / n_iter / eval_batch /
+            dense_max / chunk_size not positive integers, a negative seed, rank_tol outside [0, 1),
+            basis_bytes <= 0, non-bool baselines / progress / structured, empty or mismatched data,
+            non-finite parameters, BatchNorm or dropout in train mode, a non-scalar loss; a
+            non-finite minibatch Hessian ("eigenvalues: ...").
 
     Example:
         >>> import torch
@@ -164,16 +205,32 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     basis_dtype, basis_device, reorth = _check_basis(basis_dtype, basis_device, reorth, allow_none=True,
                                                      where="sharpness_dimension")
     check_options(options)
-    if isinstance(n_batches, bool) or not isinstance(n_batches, (int, np.integer)) or n_batches < 1:
-        raise ValueError(f"n_batches: expected a positive integer, got {n_batches!r}")
+    n_batches = check_pos_int(n_batches, "n_batches")
+    seed = check_seed(seed)
+    eval_batch = check_pos_int(eval_batch, "eval_batch")
+    dense_max = _check_nonneg_int(dense_max, "dense_max")
+    rank_tol = check_rank_tol(rank_tol)
+    baselines = check_flag(baselines, "baselines")
+    progress = check_flag(progress, "progress")
+    structured = check_flag(structured, "structured")
+    if chunk_size is not None:
+        chunk_size = check_pos_int(chunk_size, "chunk_size")
+    if (isinstance(basis_bytes, bool) or not isinstance(basis_bytes, (int, float, np.integer, np.floating))
+            or not math.isfinite(basis_bytes) or basis_bytes <= 0):
+        raise ValueError(f"basis_bytes: expected a positive number of bytes, got {basis_bytes!r}")
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError("data: expected the training set as a pair (inputs, targets)")
     X, y = data
+    if not hasattr(X, "shape") or not hasattr(y, "shape") or len(X.shape) == 0 or len(y.shape) == 0:
+        raise TypeError("data: expected (inputs, targets) as tensors or arrays with a leading sample dimension")
     n_samples = int(X.shape[0])
+    if n_samples == 0:
+        raise ValueError("data: the training set is empty")
+    if int(y.shape[0]) != n_samples:
+        raise ValueError(f"data: inputs have {n_samples} samples, targets {int(y.shape[0])}")
     bs = check_batch_size(batch_size, n_samples)
     if dtype is None and method == "exact":
         dtype = torch.float64
-    eval_batch = max(1, int(eval_batch))
     full = HessianOperator(model, loss_fn, _split(X, y, eval_batch), dtype=dtype, chunk_size=chunk_size)
     N = full.n_params
     if bs == n_samples and method == "exact":
@@ -186,6 +243,7 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     lam_max = trace = float("nan")
     if method == "exact":
         E = np.empty((len(batches), N))
+        routes, ranks = [], []
         it = batches
         if progress:
             from tqdm.auto import tqdm
@@ -194,16 +252,31 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
         for i, idx in enumerate(it):
             ti = torch.as_tensor(idx, device=full.device)
             op = full.on_batch(Xd.index_select(0, ti), yd.index_select(0, ti))
-            E[i] = minibatch_hessian_eigenvalues(op, dense_max=dense_max, rank_tol=rank_tol, seed=int(seeds[i]))
-            n_hvp += op.n_hvp
-        lam, Z = exact_sharpness_values(E, lr)
+            got = None
+            if structured and (not routes or routes[-1] == "structured"):
+                got = structured_eigenvalues(op, dense_max=max(dense_max, STRUCTURED_DENSE_MAX), rank_tol=rank_tol,
+                                             seed=int(seeds[i]), check=not routes)
+            if got is not None:
+                E[i], info = got
+                n_hvp += info["n_hvp"] + op.n_hvp
+                routes.append("structured")
+                ranks.append(info["rank"])
+            else:
+                E[i] = minibatch_hessian_eigenvalues(op, dense_max=dense_max, rank_tol=rank_tol, seed=int(seeds[i]))
+                n_hvp += op.n_hvp
+                routes.append("dense" if N <= dense_max else "range finder")
+        lam, Z, (n_exp, n_neu, n_con) = exact_sharpness_values(E, lr, rank_tol)
         value = weighted_kaplan_yorke(lam, argname="lambdas")
         trace = float(E.sum(axis=1).mean())
-        extra = dict(weights=np.ones(N), stderr=jackknife_sd(Z), eigenvalues=E, options={"dense_max": dense_max,
-                                                                                          "rank_tol": rank_tol})
+        opts = {"dense_max": dense_max, "rank_tol": rank_tol, "route": routes[0] if len(set(routes)) == 1 else routes}
+        if ranks:
+            opts["structured_rank"] = ranks
+        extra = dict(weights=np.ones(N), stderr=jackknife_sd(Z), eigenvalues=E, options=opts,
+                     n_expanding=n_exp, n_neutral=n_neu, n_contracting=n_con,
+                     neutral_share=neutral_share(value, np.count_nonzero(lam == 0.0)))
         vals = lam
     else:
-        m = min(N, 100 if n_iter is None else int(n_iter))
+        m = check_n_iter(n_iter, N)
         # runs in lockstep groups: each step one vmapped product over (vector, minibatch) pairs;
         # the group size bounds the Krylov bases (group * m * N * itemsize) to ~``basis_bytes``
         per_run = 0 if reorth == "none" else m * N * basis_dtype.itemsize
@@ -222,25 +295,34 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
             Xs, ys = Xd[ti], yd[ti]
             V0 = torch.stack([(torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(int(sd)))
                                .to(torch.float64) * 2 - 1) for sd in seeds[s0:s0 + group]]).to(full.device)
-            if bs == n_samples:  # one batch for every run: plain vmapped products (much faster)
-                opb = full.on_batch(Xd, yd)
-                nd, wt, _ = lanczos_lockstep(lambda V: opb._rows(V.to(full.dtype)), V0, m, **lkw)
-                n_hvp += opb.n_hvp
-            else:  # run r multiplies by the Hessian of its own minibatch: vmapped over (vector, batch)
-                before = full.n_hvp
-                nd, wt, _ = lanczos_lockstep(lambda V: full._rows_multi(V.to(full.dtype), Xs, ys), V0, m, **lkw)
-                n_hvp += full.n_hvp - before
+            try:
+                if bs == n_samples:  # one batch for every run: plain vmapped products (much faster)
+                    opb = full.on_batch(Xd, yd)
+                    nd, wt, _ = lanczos_lockstep(lambda V: opb._rows(V.to(full.dtype)), V0, m, **lkw)
+                    n_hvp += opb.n_hvp
+                else:  # run r multiplies by the Hessian of its own minibatch: vmapped over (vector, batch)
+                    before = full.n_hvp
+                    nd, wt, _ = lanczos_lockstep(lambda V: full._rows_multi(V.to(full.dtype), Xs, ys), V0, m, **lkw)
+                    n_hvp += full.n_hvp - before
+            except FloatingPointError as err:
+                raise ValueError(_NONFINITE) from err
             nodes[s0:s0 + len(sel), :nd.shape[1]] = nd
             wts[s0:s0 + len(sel), :wt.shape[1]] = wt
         dens = SpectralDensity(nodes=nodes, weights=wts, n=N, n_hvp=n_hvp)
         a, w = dens.pooled()
+        if a.size == 0 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(w))):
+            raise ValueError("eigenvalues: the Lanczos runs met a non-finite Hessian-vector product (NaN or inf in "
+                             "the loss, its gradient or its curvature at these parameters)")
         vals, mult, opts = pseudo_spectrum(a, w, lr, method, **options)
         order = np.argsort(-vals, kind="stable")
         vals, mult = vals[order], mult[order]
         value = weighted_kaplan_yorke(vals, mult, argname="lambdas")
         trace = dens.trace()
+        (n_exp, n_neu, n_con), ntol = slq_counts(a, w, lr, rank_tol, torch.finfo(full.dtype).eps)
         extra = dict(weights=mult, density=dens, options={**opts, "n_iter": m, "reorth": reorth,
-                                                          "basis_dtype": str(basis_dtype).replace("torch.", "")})
+                                                          "basis_dtype": str(basis_dtype).replace("torch.", ""),
+                                                          "rank_tol": rank_tol, "neutral_tol": ntol},
+                     n_expanding=n_exp, n_neutral=n_neu, n_contracting=n_con, neutral_share=neutral_share(value, n_neu))
     if baselines:
         before = full.n_hvp
         lam_max = float(lanczos(full, 1, which="LA", tol=1e-6, seed=int(seed), basis_dtype=basis_dtype,
