@@ -1,5 +1,4 @@
 """Execute every notebooks/*.ipynb in smoke mode (RDSIM_SMOKE=1) and check none carries outputs."""
-import os
 from pathlib import Path
 
 import pytest
