@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="skip the units a previous (killed) run finished")
     p.add_argument("--overwrite", action="store_true", help="recompute everything in an --out that holds a run")
     args = parser.parse_args(argv)
+    from rdsim._io import OutputDirError, OutputLockedError
+
     try:
         if args.command == "demo":
             from rdsim_experiments.demo import eos_map
@@ -251,6 +253,9 @@ def main(argv=None) -> int:
             return _reproduce(args)
         return _list_systems(args)
     except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (OutputDirError, OutputLockedError) as err:  # unwritable --out, or another process writing there
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -30,3 +30,29 @@ def test_quick_and_resume(name, tmp_path):
     s2 = run_experiment(name, tmp_path, quick=True, resume=True, log=lambda *a: None)
     assert s2["units_computed"] == 0 and s2["units_reused"] == s1["units_computed"]
     assert _numbers(s2) == _numbers(s1)
+
+
+def test_resume_recomputes_a_truncated_unit(tmp_path):
+    """A unit file cut short (a full disk, a killed copy) is named and recomputed, not a JSON crash."""
+    s1 = run_experiment("fractal", tmp_path, quick=True, log=lambda *a: None)
+    units = sorted((tmp_path / "units").glob("*.json"))
+    assert len(units) == s1["units_computed"] >= 2
+    bad = units[0]
+    bad.write_bytes(bad.read_bytes()[: max(1, bad.stat().st_size // 2)])
+    (units[1]).write_text("")
+    notes = []
+    s2 = run_experiment("fractal", tmp_path, quick=True, resume=True, log=notes.append)
+    assert s2["units_computed"] == 2 and s2["units_reused"] == s1["units_computed"] - 2
+    assert any(str(bad) in n and "recomputed" in n for n in notes), notes
+    assert any(str(units[1]) in n for n in notes), notes
+    assert _numbers(s2) == _numbers(s1)
+    assert json.loads(bad.read_text())  # rewritten whole
+
+
+def test_reproduce_refuses_a_locked_out(tmp_path):
+    from rdsim._io import DirLock, OutputLockedError
+
+    with DirLock(tmp_path, "another reproduce"):
+        with pytest.raises(OutputLockedError, match="another reproduce"):
+            run_experiment("fractal", tmp_path, quick=True, log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []

@@ -284,12 +284,21 @@ def test_ray_executor_same_table(tmp_path, reference4):
     assert (out / "results.csv").read_bytes() == (reference4 / "results.csv").read_bytes()
 
 
-def test_failing_run_is_reported_and_retried_on_resume(tmp_path, capsys):
-    cfg = tmp_path / "bad_data.toml"
-    cfg.write_text(TINY.replace("n_train = 64", "n_train = 5000").replace("batch_size = [16]", "batch_size = [8]"))
+def test_failing_run_is_reported_and_retried_on_resume(tmp_path, capsys, monkeypatch):
+    # (an impossible n_train is now refused before the first run: tests/test_persistence.py; here a
+    # run fails while it runs)
+    from rdsim_experiments.sweep import _run
+
+    def broken(*a, **k):
+        raise RuntimeError("the model cannot be built on this node")
+
+    monkeypatch.setattr(_run, "build_model", broken)
+    cfg = tmp_path / "bad_model.toml"
+    cfg.write_text(TINY)
     out = tmp_path / "out"
+    monkeypatch.setattr(_run, "check_before_runs", lambda *a, **k: None)  # (it builds the model too)
     assert cli.main(["sweep", str(cfg), "--out", str(out), "--no-progress"]) == 1
-    assert "exceeds the 1438 train samples" in capsys.readouterr().out
+    assert "the model cannot be built on this node" in capsys.readouterr().out
     for d in (out / "runs").iterdir():
         assert (d / "error.txt").exists() and not (d / "result.json").exists()
     assert (out / "results.csv").read_text().splitlines() == [(out / "results.csv").read_text().splitlines()[0]]

@@ -62,12 +62,14 @@ class Store:
     Without ``resume`` an existing unit file is recomputed (and overwritten).
     """
 
-    def __init__(self, out: Path, resume: bool):
+    def __init__(self, out: Path, resume: bool, log=None):
         self.dir = Path(out) / "units"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.resume = bool(resume)
         self.reused = 0
         self.computed = 0
+        self.recomputed_bad = 0
+        self.log = log or (lambda *a, **k: None)
 
     def _path(self, key: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
@@ -76,8 +78,18 @@ class Store:
     def get(self, key: str, compute: Callable[[], dict]) -> dict:
         path = self._path(key)
         if self.resume and path.exists():
-            self.reused += 1
-            return json.loads(path.read_text())
+            try:
+                value = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                problem = f"unreadable ({err})"
+            else:
+                problem = None if isinstance(value, dict) else "not a JSON object"
+            if problem is None:
+                self.reused += 1
+                return value
+            # a truncated or garbled unit (a full disk, a copy cut short): never trusted
+            self.log(f"note: {path}: {problem}; not trusted, unit {key!r} is recomputed")
+            self.recomputed_bad += 1
         value = compute()
         atomic_write_bytes(path, dumps(value))
         self.computed += 1
@@ -112,15 +124,28 @@ def run_experiment(name: str, out=None, *, quick: bool = False, resume: bool = F
 
     An ``out`` that already holds a run (a ``summary.json`` or finished units) is continued with
     ``resume=True`` (finished units are reused) or recomputed with ``overwrite=True``; with neither,
-    :class:`ExperimentExistsError` is raised rather than overwriting it silently.
+    :class:`ExperimentExistsError` is raised rather than overwriting it silently. On resume a
+    truncated or garbled unit file is named in a note and recomputed. An ``out`` that cannot be
+    written raises ``rdsim._io.OutputDirError`` before any work; one that another process is
+    writing into (its ``.rdsim.lock``) raises ``rdsim._io.OutputLockedError`` naming that process.
     """
+    from rdsim._io import DirLock, ensure_writable_dir
+
     mod = _module(name)
     out = Path(out) if out is not None else Path(f"reproduce-{name}")
     if not (resume or overwrite) and ((out / "summary.json").exists() or any((out / "units").glob("*.json"))):
         raise ExperimentExistsError(f"out: {out} already holds a run of {name!r}; pass --resume to continue it "
                                     "(finished units are reused) or --overwrite to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    store = Store(out, resume)
+    ensure_writable_dir(out, "--out")
+    with DirLock(out, f"rdsim reproduce {name}") as lock:
+        if lock.broke_stale:
+            log(f"note: {out}/ had a stale lock of process {lock.broke_stale.get('pid')} (no longer running); "
+                "taken over")
+        return _run_locked(mod, name, out, quick, resume, log)
+
+
+def _run_locked(mod, name, out, quick, resume, log) -> dict:
+    store = Store(out, resume, log)
     t0 = time.perf_counter()
     log(f"rdsim reproduce {name}{' --quick' if quick else ''}: {mod.TITLE}\nclaim: {mod.CLAIM}\n")
     summary = mod.run(out, quick, store, log)

@@ -443,3 +443,80 @@ def _scalar(v):
     except (TypeError, ValueError):
         return None
     return float(arr[0]) if arr.size else None
+
+
+# --- checks before the first run ------------------------------------------------------------------
+
+#: a grid with more runs than this prints its size and the work it stands for before starting
+LARGE_GRID = 500
+
+
+def check_before_runs(config, executor: str = "local", address: str | None = None, stream=None) -> dict:
+    """Check what only the data, the model and the machine can tell, before any run starts.
+
+    Raises :class:`SweepConfigError` naming the key (and its line) for: ``model.device = "cuda"``
+    on a machine without CUDA (or a missing device index; not checked for a Ray cluster given by
+    ``address``, whose nodes may have GPUs this machine lacks); ``data.n_train`` / ``data.n_test``
+    larger than the data set; a batch size larger than the train set; ``measure.lyapunov.k`` (or
+    ``measure.sharpness_dimension.batch_size``) larger than what the training map allows. A grid of
+    more than :data:`LARGE_GRID` runs prints its size and work to ``stream`` (stderr). Returns
+    {"n_train", "n_params", "dimension", "n_runs"}.
+    """
+    import sys
+
+    import torch
+
+    from ._config import SweepConfigError, find_line
+
+    cfg = config.data
+
+    def err(path, message):
+        return SweepConfigError(message, ".".join(path), find_line(config.text, path), config.source)
+
+    dev = cfg["model"]["device"]
+    if dev.startswith("cuda") and not (executor == "ray" and address):
+        if not torch.cuda.is_available():
+            raise err(("model", "device"), f"{dev!r} asked for, but this machine has no CUDA device "
+                      f"(torch {torch.__version__}, cuda {torch.version.cuda}); use \"cpu\"")
+        index = torch.device(dev).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise err(("model", "device"), f"{dev!r}: this machine has {torch.cuda.device_count()} CUDA "
+                      f"device(s), numbered from 0")
+    try:
+        (X, y), (Xt, yt), info = build_data(cfg)
+    except ValueError as e:
+        msg = str(e)
+        for key in ("n_train", "n_test"):
+            if msg.startswith(f"data.{key}:"):
+                raise err(("data", key), msg.split(":", 1)[1].strip()) from None
+        raise err(("data",), f"the data cannot be built: {msg}") from None
+    n = int(len(y))
+    for bs in cfg["grid"]["batch_size"]:
+        if bs != "full" and bs > n:
+            raise err(("grid", "batch_size"), f"batch size {bs} exceeds the {n} train samples")
+    out_dim = info["n_classes"] if info["classification"] else (1 if y.dim() == 1 else int(y.shape[1]))
+    model = build_model(cfg, int(X.shape[1]), out_dim, 0)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    spec = build_spec(cfg, config.points[0])
+    dim = n_params * (1 + spec.n_buffers)
+    lyap = cfg["measure"]["lyapunov"]
+    if lyap is not None and lyap["k"] > dim:
+        raise err(("measure", "lyapunov", "k"), f"{lyap['k']} exceeds the dimension of the training map "
+                  f"({dim} = {n_params} parameters x {1 + spec.n_buffers} for {cfg['optimizer']['kind']}); "
+                  f"at most {dim} exponents exist (k = {dim} is the full spectrum)")
+    sd = cfg["measure"]["sharpness_dimension"]
+    if sd is not None and sd["batch_size"] is not None and sd["batch_size"] > n:
+        raise err(("measure", "sharpness_dimension", "batch_size"),
+                  f"{sd['batch_size']} exceeds the {n} train samples")
+    n_runs = len(config.points)
+    if n_runs > LARGE_GRID:
+        g = cfg["grid"]
+        steps = cfg["train"]["steps"] + (lyap["transient"] + lyap["steps"] if lyap is not None else 0)
+        ck = cfg["measure"]["checkpoints"]
+        disk = n_runs * 8 * n_params * ((cfg["train"]["steps"] // ck["every"] + 1) if ck else 0)
+        print(f"note: sweep {cfg['sweep']['name']!r} is a large grid: {n_runs} runs (lr {len(g['lr'])} x "
+              f"batch_size {len(g['batch_size'])} x seed {len(g['seed'])}), {steps} optimizer steps each "
+              f"({n_runs * steps:.3g} in all) on {n_params} parameters"
+              + (f", about {disk / 1e6:.0f} MB of checkpoints" if disk else "")
+              + "; interrupt at any time and continue with --resume", file=stream or sys.stderr)
+    return {"n_train": n, "n_params": n_params, "dimension": dim, "n_runs": n_runs}

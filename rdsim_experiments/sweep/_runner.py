@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def _prepare_out(config: SweepConfig, out: Path, resume: bool) -> None:
     meta_path = out / "sweep.json"
     if out.exists() and not out.is_dir():
         raise SweepExistsError(f"{out}: exists and is not a directory")
-    nonempty = out.exists() and any(out.iterdir())
+    nonempty = out.exists() and any(not _ours(f.name) for f in out.iterdir())
     if nonempty and not resume:
         raise SweepExistsError(f"{out}/ exists and is not empty; pass --resume to continue the sweep "
                                "there, or choose another --out (nothing was overwritten)")
@@ -175,6 +176,13 @@ def _prepare_out(config: SweepConfig, out: Path, resume: bool) -> None:
                                            "source": config.source}))
 
 
+def _ours(name: str) -> bool:
+    """The lock file and write probes: not content of the directory."""
+    from rdsim._io import LOCK_NAME
+
+    return name == LOCK_NAME or name.startswith(LOCK_NAME + ".") or name.startswith(".rdsim-write-test.")
+
+
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
@@ -186,12 +194,31 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _load_result(path: Path):
+def _load_result(path: Path, point: dict | None = None):
+    """A finished run's result, or None; see :func:`_check_result` for why a file is not trusted."""
+    return _check_result(path, point)[0]
+
+
+def _check_result(path: Path, point: dict | None = None):
+    """(result or None, problem or None): a missing file has no problem; a truncated, garbled or
+    foreign one (wrong run id or grid point, no final status) is a problem and is not trusted."""
     try:
-        res = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return res if isinstance(res, dict) and res.get("status") in ("ok", "diverged") else None
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"unreadable ({err})"
+    try:
+        res = json.loads(text)
+    except ValueError as err:
+        return None, f"not valid JSON ({'empty file' if not text.strip() else err}; truncated?)"
+    if not isinstance(res, dict):
+        return None, "not a JSON object"
+    if res.get("status") not in ("ok", "diverged"):
+        return None, f"no final status (status {res.get('status')!r})"
+    if point is not None and (res.get("run_id") != run_id(point) or res.get("point") != point):
+        return None, f"belongs to another run ({res.get('run_id')!r})"
+    return res, None
 
 
 # --- executors ------------------------------------------------------------------------------------
@@ -218,8 +245,58 @@ class _one_thread_env:
 _SLOT = None  # this pool worker's line for its per-run progress bar
 
 
-def _pool_init(lock=None, counter=None):
+#: seconds between the fallback watcher's checks that the parent process is still there
+PARENT_POLL_S = 0.5
+
+
+def _exit_now():  # pragma: no cover - runs in a dying worker
+    import signal
+
+    try:
+        os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        os._exit(1)
+
+
+def _watch_parent(parent_pid: int, interval: float = PARENT_POLL_S) -> None:
+    """Kill this process as soon as its parent ``parent_pid`` is gone (a daemon thread polling getppid)."""
+    import threading
+
+    def loop():
+        while True:
+            if os.getppid() != parent_pid:
+                _exit_now()
+            time.sleep(interval)
+
+    threading.Thread(target=loop, name="rdsim-parent-watch", daemon=True).start()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make a pool worker exit when the sweep process dies, even by ``kill -9``.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; everywhere: a watcher thread polling
+    ``os.getppid()``. A parent that died before this ran is caught by the first check.
+    """
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):  # pragma: no cover
+            pass
+    if os.getppid() != parent_pid:
+        _exit_now()
+    _watch_parent(parent_pid)
+
+
+def _pool_init(parent_pid=None, lock=None, counter=None):
     global _SLOT
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     try:
         import torch
 
@@ -248,7 +325,7 @@ def _run_local(cfg, todo, out, workers, progress, on_done):
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    initargs = ()
+    initargs = (os.getpid(),)
     saved_lock = None
     if progress:  # per-run bars, one terminal line per worker below the sweep's bar
         from tqdm import tqdm
@@ -256,7 +333,7 @@ def _run_local(cfg, todo, out, workers, progress, on_done):
         saved_lock = tqdm.get_lock()
         lock = ctx.RLock()
         tqdm.set_lock(lock)
-        initargs = (lock, ctx.Value("i", 0))
+        initargs = (os.getpid(), lock, ctx.Value("i", 0))
     try:
         _pool_loop(cfg, todo, out, workers, progress, on_done, ctx, initargs)
     finally:
@@ -345,8 +422,16 @@ def run_sweep(config, out, *, resume: bool = False, executor: str = "local", wor
         seed), ``correlations.csv``, ``config.toml``, ``sweep.json`` and ``runs/<run_id>/``.
 
     Raises:
-        SweepConfigError (a ValueError): a bad configuration, naming key and line.
+        SweepConfigError (a ValueError): a bad configuration, naming key and line; also, before
+            any run, ``device="cuda"`` without CUDA, ``n_train``/``n_test``/a batch size larger
+            than the data set, ``measure.lyapunov.k`` above the dimension of the training map.
         SweepExistsError (a FileExistsError): a non-empty ``out`` without ``resume``.
+        rdsim._io.OutputDirError (an OSError): ``out`` cannot be created or written to.
+        rdsim._io.OutputLockedError (a RuntimeError): another process is writing into ``out``
+            (its ``.rdsim.lock`` names the pid, host and start time).
+
+    A ``runs/<run_id>/result.json`` that is truncated, garbled or belongs to another run is not
+    trusted on resume: a note names it and the run is recomputed.
     """
     echo = echo or (lambda *a, **k: None)
     if isinstance(config, SweepConfig):
@@ -366,15 +451,41 @@ def run_sweep(config, out, *, resume: bool = False, executor: str = "local", wor
             raise SweepConfigError("this rdsim has no rdsim.torch.sharpness_dimension yet; remove the "
                                    "[measure.sharpness_dimension] table", "measure.sharpness_dimension",
                                    _line(cfg_obj, ("measure", "sharpness_dimension")), cfg_obj.source) from None
+    from rdsim._io import DirLock, ensure_writable_dir
+
+    from ._run import check_before_runs
+
+    check_before_runs(cfg_obj, executor=executor, address=address)  # SweepConfigError up front
     out = Path(out)
+    created = not out.exists()
+    ensure_writable_dir(out, "--out")
+    try:
+        with DirLock(out, f"rdsim sweep {cfg_obj.source or cfg_obj.data['sweep']['name']}") as lock:
+            if lock.broke_stale:
+                echo(f"note: {out}/ had a stale lock of process {lock.broke_stale.get('pid')} (no longer "
+                     "running); taken over")
+            return _sweep_locked(cfg_obj, out, resume, executor, workers, address, progress, echo)
+    except BaseException:
+        if created:  # nothing of ours to keep: leave no empty directory behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _sweep_locked(cfg_obj, out, resume, executor, workers, address, progress, echo) -> SweepResult:
     _prepare_out(cfg_obj, out, resume)
     cfg = cfg_obj.data
     points = cfg_obj.points
     results: dict = {}
     for p in points:
-        r = _load_result(out / "runs" / run_id(p) / RESULT_NAME)
+        path = out / "runs" / run_id(p) / RESULT_NAME
+        r, problem = _check_result(path, p)
         if r is not None:
             results[run_id(p)] = r
+        elif problem is not None:
+            echo(f"note: {path}: {problem}; not trusted, the run is recomputed")
     todo = [p for p in points if run_id(p) not in results]
     n_skipped = len(points) - len(todo)
     echo(f"sweep {cfg['sweep']['name']!r}: {len(points)} runs ({n_skipped} done before, {len(todo)} to run), "
@@ -412,7 +523,7 @@ def run_sweep(config, out, *, resume: bool = False, executor: str = "local", wor
     # the final tables, from the result files on disk (the same bytes however the runs were made)
     final = []
     for p in points:
-        r = _load_result(out / "runs" / run_id(p) / RESULT_NAME)
+        r = _load_result(out / "runs" / run_id(p) / RESULT_NAME, p)
         if r is not None:
             final.append(r)
     rows = results_table(cfg_obj, final)
