@@ -89,6 +89,9 @@ def atomic_savefig(fig, path, **kwargs) -> None:
 class OutputDirError(OSError):
     """The output directory cannot be created or written to (raised before any work starts)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 class OutputLockedError(RuntimeError):
     """Another process holds the lock of the output directory."""

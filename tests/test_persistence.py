@@ -194,7 +194,7 @@ def test_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, capsys)
     cfg.write_text(TINY)
     assert cli.main(["sweep", str(cfg), "--out", str(afile), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"--out {afile}: exists and is not a directory" in err
+    assert f"error: --out {afile}: exists and is not a directory" in err
     # a directory without write permission (simulated: root ignores modes)
     out = tmp_path / "ro"
     out.mkdir()
