@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 
 import numpy as np
 
@@ -26,8 +27,9 @@ from ._dimension import weighted_kaplan_yorke
 from ._lyapunov import _check_int, _seeds
 from ._lyapunov import start_block as _start_block
 from ._systems import AbstractSystem, NoiseStream
+from ._validate import call_user, check_bool, check_seed
 
-__all__ = ["LadderResult", "dimension_ladder", "rds_sharpness", "log_singular_values_of_product", "tangent_transpose"]
+__all__ = ["LadderDims", "LadderResult", "dimension_ladder", "rds_sharpness", "log_singular_values_of_product", "tangent_transpose"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +218,9 @@ def rds_sharpness(system: AbstractSystem, points, *, n_noise: int = 32, reduce: 
     """
     _check_system(system)
     n_noise = _check_int(n_noise, "n_noise", 1)
+    seed = check_seed(seed)
+    if not isinstance(reduce, str):
+        raise TypeError(f"reduce: expected 'mean' or 'sup', got {type(reduce).__name__}")
     if reduce not in ("mean", "sup"):
         raise ValueError(f"reduce: expected 'mean' or 'sup', got {reduce!r}")
     try:
@@ -228,13 +233,17 @@ def rds_sharpness(system: AbstractSystem, points, *, n_noise: int = 32, reduce: 
         raise ValueError(f"points: expected shape (n_points, {system.dim}) with n_points >= 1, got {np.shape(points)}")
     if not np.all(np.isfinite(P)):
         raise ValueError("points: must be finite")
-    xis = _noise_draws(system, n_noise, seed)
+    xis = call_user("noise", _noise_draws, system, n_noise, seed, where=f"drawing {n_noise} noise vectors")
     d = system.tangent_dim
     z = np.empty((xis.shape[0], P.shape[0], d))
     with np.errstate(divide="ignore"):
         for r, xi in enumerate(xis):
             for n, x in enumerate(P):
-                J = np.asarray(system.jacobian(x, xi), dtype=np.float64)
+                J = np.asarray(call_user("jacobian", system.jacobian, x, xi,
+                                         where=f"{system.name}, point {n}, noise draw {r}"), dtype=np.float64)
+                if J.shape != (d, d) or not np.all(np.isfinite(J)):
+                    raise ValueError(f"points: the Jacobian of {system.name} at point {n} (noise draw {r}) is "
+                                     f"{'not finite' if J.shape == (d, d) else f'of shape {J.shape}'}")
                 z[r, n] = np.log(np.linalg.svd(J, compute_uv=False))
     if reduce == "mean":
         return z.mean(axis=(0, 1))
@@ -259,7 +268,11 @@ class LadderResult:
             Kaplan-Yorke formula of (for m = 1 the mean one-step log singular values).
         points: (n_samples, dim) the attractor states at which the windows start.
         n_samples: number of windows.
-        status: "ok" or "diverged".
+        status: "ok" or "diverged" (the state, a Jacobian or a tangent block became non-finite;
+            then every D^(m) is NaN).
+        diverged_at: index of the step (counted from the start of the transient) at which the
+            run became non-finite, or None.
+        message: a human-readable account of the status.
         seed: the seed used.
         k: the number of top singular values per window (``tangent_dim`` for the dense ladder);
             with k < tangent_dim, Lambda and increments have length k and ``dims`` are
@@ -285,11 +298,32 @@ class LadderResult:
     n_power: int | None = None
     power_change: dict = dataclasses.field(default_factory=dict)
     samples: dict = dataclasses.field(default_factory=dict, repr=False)
+    diverged_at: int | None = None
+    message: str = "ok"
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{m}: {self.dims[m]:.4f} ± {self.stderr[m]:.2g}" for m in self.ms)
         top = "" if self.n_power is None else f", k={self.k}"
         return f"LadderResult({{{rows}}}, n_samples={self.n_samples}{top}, status={self.status!r})"
+
+
+class LadderDims(dict):
+    """The plain result of :func:`dimension_ladder`: a dict {m: D^(m)} that also carries the run's
+    ``status`` ("ok" or "diverged"), ``diverged_at`` (step index or None) and ``message``.
+
+    It compares equal to a plain dict with the same entries.
+    """
+
+    def __init__(self, dims, status: str = "ok", diverged_at: int | None = None, message: str = "ok"):
+        super().__init__(dims)
+        self.status, self.diverged_at, self.message = status, diverged_at, message
+
+    def __repr__(self) -> str:
+        base = dict.__repr__(self)
+        return base if self.status == "ok" else f"{base} (status={self.status!r}: {self.message})"
+
+    def __reduce__(self):
+        return (type(self), (dict(self), self.status, self.diverged_at, self.message))
 
 
 def _jackknife_dimension(samples: np.ndarray) -> float:
@@ -475,12 +509,17 @@ def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_sampl
         oversample: extra block columns of the top-k estimate (>= 0).
 
     Returns:
-        {m: D^(m)} (floats, m ascending), or a :class:`LadderResult`. A trajectory that becomes
-        non-finite gives NaN values (status "diverged" in the details); it does not raise.
+        {m: D^(m)} (floats, m ascending; a :class:`LadderDims`, a dict that also carries
+        ``status``, ``diverged_at`` and ``message``), or a :class:`LadderResult`. A trajectory
+        that becomes non-finite does not raise: it gives NaN values with status "diverged" and
+        the step index, and the plain dict form also emits a RuntimeWarning.
 
     Raises:
         TypeError / ValueError: bad arguments, named in the message (``k`` outside 1..tangent_dim;
-            ``k`` < tangent_dim for a large system without a usable transpose).
+            ``k`` < tangent_dim for a large system without a usable transpose; ``seed`` not a
+            non-negative integer).
+        UserFunctionError (rdsim._validate; a RuntimeError): the system's step, jacobian, tangent or noise
+            function raised; the message names it and the step, the original error is chained.
 
     Example:
         >>> import numpy as np, rdsim
@@ -502,6 +541,8 @@ def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_sampl
     ms = _check_ms(ms)
     n_samples = _check_int(n_samples, "n_samples", 2)
     transient = _check_int(transient, "transient", 0)
+    seed = check_seed(seed)
+    return_details = check_bool("return_details", return_details)
     d = system.tangent_dim
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -522,18 +563,31 @@ def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_sampl
     _, noise_rng = _seeds(seed)
     block_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[2])
     noise = NoiseStream(system, noise_rng)
+    t_global = 0  # steps done so far (transient included), for the messages
+
+    def take(n):
+        return call_user("noise", noise.take, n, step=t_global, where=f"{system.name}: drawing {n} noise vectors")
+
+    def step(x, xi):
+        return np.asarray(call_user("step", system.step, x, xi, step=t_global, where=system.name), dtype=np.float64)
+
+    def jac(x, xi, t):
+        return call_user("jacobian", system.jacobian, x, xi, step=t, where=system.name)
 
     logs = {m: np.full((n_samples, k), np.nan) for m in ms}
     change = {m: 0.0 for m in ms} if topk else {}
     points = np.full((n_samples, system.dim), np.nan)
     status = "ok"
+    fail_at, what = None, ""
     done = 0
     while done < transient and status == "ok":
         n = min(4096, transient - done)
-        for xi in noise.take(n):
-            x = np.asarray(system.step(x, xi), dtype=np.float64)
-        if not np.all(np.isfinite(x)):
-            status = "diverged"
+        for xi in take(n):
+            x = step(x, xi)
+            if not np.all(np.isfinite(x)):
+                status, fail_at, what = "diverged", t_global, "state"
+                break
+            t_global += 1
         done += n
     want = set(ms)
     for s in range(n_samples):
@@ -542,40 +596,51 @@ def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_sampl
         points[s] = x
         if not topk:
             prod = _GradedProduct(d)
-            for t, xi in enumerate(noise.take(M), start=1):
-                J = system.jacobian(x, xi)
-                x = np.asarray(system.step(x, xi), dtype=np.float64)
-                if not prod.push(J) or not np.all(np.isfinite(x)):
-                    status = "diverged"
+            for t, xi in enumerate(take(M), start=1):
+                J = jac(x, xi, t_global)
+                x = step(x, xi)
+                if not prod.push(J):
+                    status, fail_at, what = "diverged", t_global, "Jacobian product"
                     break
+                if not np.all(np.isfinite(x)):
+                    status, fail_at, what = "diverged", t_global, "state"
+                    break
+                t_global += 1
                 if t in want:
                     logs[t][s] = prod.log_singular_values()
             continue
         # top-k: record the window's states and noise, then iterate on each Dphi(m)
-        xis = noise.take(M)
+        xis = take(M)
         xs = np.empty((M, system.dim))
+        t0 = t_global
         for t in range(M):
             xs[t] = x
-            x = np.asarray(system.step(x, xis[t]), dtype=np.float64)
+            x = step(x, xis[t])
             if not np.all(np.isfinite(x)):
-                status = "diverged"
+                status, fail_at, what = "diverged", t_global, "state"
                 break
+            t_global += 1
         if status != "ok":
             break
         if tkind == "dense":
-            Js = [np.asarray(system.jacobian(xs[t], xis[t]), dtype=np.float64) for t in range(M)]
+            Js = [np.asarray(jac(xs[t], xis[t], t0 + t), dtype=np.float64) for t in range(M)]
             fwd = lambda t, V: Js[t] @ V  # noqa: E731
             bwd = lambda t, U: Js[t].T @ U  # noqa: E731
         else:
-            fwd = lambda t, V: system.tangent(xs[t], xis[t], V)  # noqa: E731
-            bwd = lambda t, U: tangent_transpose(system, xs[t], xis[t], U)  # noqa: E731
+            fwd = lambda t, V: call_user("tangent", system.tangent, xs[t], xis[t], V, step=t0 + t,  # noqa: E731
+                                         where=system.name)
+            bwd = lambda t, U: call_user("tangent_transpose", tangent_transpose, system, xs[t],  # noqa: E731
+                                         xis[t], U, step=t0 + t, where=system.name)
         for m in ms:
             z, dz = _topk_window(fwd, bwd, m, d, p, k, n_power, block_rng)
             if z is None:
-                status = "diverged"
+                status, fail_at, what = "diverged", t0, f"tangent block of the window starting at step {t0}"
                 break
             logs[m][s] = z
             change[m] = max(change[m], dz / (m * float(system.dt)))
+    message = "ok" if status == "ok" else (
+        f"the {what} became non-finite at step {fail_at} (counted from the start of the transient); "
+        "every D^(m) is NaN")
 
     dt = float(system.dt)
     dims, stderr, Lam, inc, per = {}, {}, {}, {}, {}
@@ -592,7 +657,12 @@ def dimension_ladder(system: AbstractSystem, x0, ms=(1, 2, 4, 8, 16), *, n_sampl
         dims[m] = weighted_kaplan_yorke(inc[m], dim=d, argname="increments")
         stderr[m] = _jackknife_dimension(z)
     if not return_details:
-        return dims
+        if status != "ok":
+            warnings.warn(f"dimension_ladder: {system.name} diverged: {message} (the returned dict has "
+                          "status='diverged'; return_details=True gives a LadderResult)", RuntimeWarning,
+                          stacklevel=2)
+        return LadderDims(dims, status, fail_at, message)
     return LadderResult(ms=ms, dims=dims, stderr=stderr, Lambda=Lam, increments=inc, points=points,
                         n_samples=n_samples, status=status, seed=seed, k=k,
-                        n_power=n_power if topk else None, power_change=change, samples=per)
+                        n_power=n_power if topk else None, power_change=change, samples=per,
+                        diverged_at=fail_at, message=message)

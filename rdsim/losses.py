@@ -19,6 +19,7 @@ import numpy as np
 
 from ._config import NUMBA_OPTIONS
 from ._linalg import matmul_into
+from ._validate import check_array, check_real
 
 __all__ = ["ToyLoss", "quadratic", "least_squares", "dln", "cosine_landscape"]
 
@@ -42,13 +43,13 @@ class ToyLoss:
     def _idx(self, idx):
         if idx is None:
             return np.empty(0)
-        idx = np.ascontiguousarray(idx, dtype=np.float64).reshape(-1)
+        idx = check_array("idx", idx).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n or np.any(idx != np.floor(idx))):
             raise ValueError(f"idx: sample indices must be integers in [0, {self.n})")
         return idx
 
     def _x(self, x):
-        x = np.ascontiguousarray(x, dtype=np.float64)
+        x = check_array("x", x, finite=False)
         if x.shape != (self.dim,):
             raise ValueError(f"x: expected shape ({self.dim},), got {x.shape}")
         return x
@@ -63,7 +64,9 @@ class ToyLoss:
         return out
 
     def hvp(self, x, V, idx=None) -> np.ndarray:
-        V = np.ascontiguousarray(V, dtype=np.float64)
+        V = check_array("V", V, ndim=(1, 2), finite=False)
+        if V.shape[0] != self.dim or V.size == 0:
+            raise ValueError(f"V: expected shape ({self.dim},) or ({self.dim}, k) with k >= 1, got {V.shape}")
         vec = V.ndim == 1
         V2 = V.reshape(self.dim, -1)
         out = np.empty_like(V2)
@@ -108,9 +111,9 @@ def quadratic(A) -> ToyLoss:
     GD with step eta is the linear map x -> (I - eta A) x: its Lyapunov spectrum is the sorted
     log|1 - eta alpha_i|, alpha_i = eig(A) (MATH.md §7).
     """
-    A = np.ascontiguousarray(A, dtype=np.float64)
-    if A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(f"A: expected a square matrix, got shape {A.shape}")
+    A = check_array("A", A, finite=False)
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
+        raise ValueError(f"A: expected a non-empty square matrix, got shape {A.shape}")
     if not np.all(np.isfinite(A)):
         raise ValueError("A: must be finite")
     if not np.allclose(A, A.T, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(A).max())):
@@ -181,14 +184,21 @@ def _ls_hvp(x, data, idx, V, out):
 
 
 def _check_Xy(X, y):
-    X = np.ascontiguousarray(X, dtype=np.float64)
-    y = np.ascontiguousarray(y, dtype=np.float64).reshape(-1)
+    X = check_array("X", X, finite=False)
     if X.ndim != 2:
         raise ValueError(f"X: expected a 2-D array (n, p), got shape {X.shape}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X: expected at least one sample and one feature, got shape {X.shape}")
+    y = check_array("y", y, finite=False)
+    if y.ndim > 1 and not (y.ndim == 2 and y.shape[1] == 1):
+        raise ValueError(f"y: expected {X.shape[0]} scalar targets, shape ({X.shape[0]},), got shape {y.shape}")
+    y = y.reshape(-1)
     if y.shape[0] != X.shape[0]:
         raise ValueError(f"y: expected {X.shape[0]} targets (one per row of X), got {y.shape[0]}")
-    if not (np.all(np.isfinite(X)) and np.all(np.isfinite(y))):
-        raise ValueError("X, y: must be finite")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("X: must be finite")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("y: must be finite")
     return X, y
 
 
@@ -213,8 +223,7 @@ def _dln_beta(x, p, depth, beta):
 
 @_jit
 def _dln_value(x, data, idx):
-    X, y = data[0], data[1]
-    n, p = X.shape
+    p = data[0].shape[1]
     depth = x.shape[0] // p
     beta = np.empty(p)
     _dln_beta(x, p, depth, beta)
@@ -297,12 +306,12 @@ def dln(X, y, depth: int = 2, init=None) -> ToyLoss:
     dim = depth * p
     if init is None:
         x0 = np.full(dim, 0.1)
-    elif np.isscalar(init):
-        x0 = np.full(dim, float(init))
+    elif np.ndim(init) == 0 and not isinstance(init, (str, bytes)):
+        x0 = np.full(dim, check_real("init", init))
     else:
-        x0 = np.asarray(init, dtype=np.float64)
+        x0 = check_array("init", init)
         if x0.shape != (dim,):
-            raise ValueError(f"init: expected shape ({dim},), got {x0.shape}")
+            raise ValueError(f"init: expected a number or shape ({dim},), got {x0.shape}")
     return ToyLoss(f"dln(depth={depth})", dim, n, (X, y), _dln_value, _dln_grad, _dln_hvp, x0=x0,
                    info={"depth": int(depth), "p": p})
 
@@ -354,7 +363,6 @@ def cosine_landscape(A: float = 2.0, k: float = 4.0, dim: int = 2) -> ToyLoss:
     """L(x) = 1/2 ||x||^2 - A prod_i cos(k x_i) (arXiv 2604.19740, Fig. 6; one "sample")."""
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ValueError(f"dim: expected a positive integer, got {dim!r}")
-    if not (np.isfinite(A) and np.isfinite(k)):
-        raise ValueError(f"A, k: must be finite, got A={A}, k={k}")
+    A, k = check_real("A", A), check_real("k", k)
     return ToyLoss("cosine_landscape", int(dim), 1, (np.array([float(A), float(k)]),), _cos_value,
                    _cos_grad, _cos_hvp, x0=np.full(int(dim), 0.3))

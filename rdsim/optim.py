@@ -19,53 +19,40 @@ the same minibatches on both.
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import numpy as np
+
+from ._validate import check_bool, check_choice, check_int, check_nonneg_float, check_positive_float, check_unit_interval
 
 __all__ = ["OptimizerSpec", "gd", "sgd", "momentum", "adam", "minibatch_sampler", "noise_sampler"]
 
 SAMPLINGS = ("iid", "epoch")
+KINDS = ("gd", "sgd", "momentum", "adam")
 
 
 def _positive(value, name):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {value}")
-    return v
+    return check_positive_float(name, value)
 
 
 def _unit_interval(value, name):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a number in [0, 1), got {type(value).__name__}") from None
-    if not (0.0 <= v < 1.0):
-        raise ValueError(f"{name}: expected a number in [0, 1), got {value}")
-    return v
+    return check_unit_interval(name, value)
 
 
 def _nonneg(value, name):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a non-negative number, got {type(value).__name__}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"{name}: expected a non-negative finite number, got {value}")
-    return v
+    return check_nonneg_float(name, value)
 
 
 def _batch(value):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"batch_size: expected a positive integer or None (full batch), got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"batch_size: expected a positive integer or None (full batch), got {value}")
     return int(value)
+
+
+def _sampling(value):
+    return check_choice("sampling", value, SAMPLINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +80,21 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     decoupled: bool = False
 
+    def __post_init__(self):
+        # the factories validate already; this catches direct construction and dataclasses.replace
+        check_choice("kind", self.kind, KINDS)
+        for name, value in (("lr", _positive(self.lr, "lr")), ("batch_size", _batch(self.batch_size)),
+                            ("sampling", _sampling(self.sampling)), ("beta", _unit_interval(self.beta, "beta")),
+                            ("beta1", _unit_interval(self.beta1, "beta1")),
+                            ("beta2", _unit_interval(self.beta2, "beta2")), ("eps", _nonneg(self.eps, "eps")),
+                            ("weight_decay", _nonneg(self.weight_decay, "weight_decay")),
+                            ("decoupled", check_bool("decoupled", self.decoupled))):
+            object.__setattr__(self, name, value)
+        if self.kind == "sgd" and self.batch_size is None:
+            raise ValueError("batch_size: sgd needs a batch size; use gd(lr) for the full batch")
+        if self.kind == "gd" and self.batch_size is not None:
+            raise ValueError("batch_size: gd is full batch; use sgd(lr, batch_size) for minibatches")
+
     @property
     def n_buffers(self) -> int:
         """Number of state blocks of size d besides x: 0 (GD/SGD), 1 (m) or 2 (m, v)."""
@@ -104,6 +106,7 @@ class OptimizerSpec:
 
     def check_data_size(self, n: int) -> None:
         """Raise ValueError if the batch size exceeds the number of samples n."""
+        n = check_int("n", n, 0)
         if self.batch_size is not None and self.batch_size > n:
             raise ValueError(f"batch_size: {self.batch_size} exceeds the number of samples ({n})")
 
@@ -123,7 +126,12 @@ class OptimizerSpec:
 
 
 def gd(lr: float) -> OptimizerSpec:
-    """Full-batch gradient descent x' = x - lr grad L(x) (a deterministic map)."""
+    """Full-batch gradient descent x' = x - lr grad L(x) (a deterministic map).
+
+    Raises:
+        TypeError: ``lr`` not a real number (a string such as "0.1" is refused).
+        ValueError: ``lr`` not positive and finite.
+    """
     return OptimizerSpec("gd", _positive(lr, "lr"))
 
 
@@ -131,35 +139,60 @@ def sgd(lr: float, batch_size: int, sampling: str = "iid") -> OptimizerSpec:
     """Minibatch SGD x' = x - lr grad L_B(x); the minibatch B_t is the noise.
 
     Args:
-        lr: learning rate (> 0).
-        batch_size: minibatch size (>= 1, at most the number of samples).
+        lr: learning rate (> 0, finite).
+        batch_size: minibatch size (an integer >= 1, at most the number of samples).
         sampling: "iid" (an independent uniform subset of size b each step, the model of
             arXiv 2604.19740) or "epoch" (reshuffled epochs; a last partial batch is dropped).
+
+    Raises:
+        TypeError: ``lr`` not a real number, ``batch_size`` not an integer, ``sampling`` not a string.
+        ValueError: values out of range (named in the message); ``batch_size=None`` (use :func:`gd`).
     """
     if batch_size is None:
         raise ValueError("batch_size: sgd needs a batch size; use gd(lr) for the full batch")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
-    return OptimizerSpec("sgd", _positive(lr, "lr"), _batch(batch_size), sampling)
+    return OptimizerSpec("sgd", _positive(lr, "lr"), _batch(batch_size), _sampling(sampling))
 
 
 def momentum(lr: float, beta: float = 0.9, batch_size: int | None = None, sampling: str = "iid") -> OptimizerSpec:
-    """Heavy-ball momentum (torch.optim.SGD with momentum, no dampening): m' = beta m + g, x' = x - lr m'."""
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
-    return OptimizerSpec("momentum", _positive(lr, "lr"), _batch(batch_size), sampling,
+    """Heavy-ball momentum (torch.optim.SGD with momentum, no dampening): m' = beta m + g, x' = x - lr m'.
+
+    Args:
+        lr: learning rate (> 0, finite).
+        beta: momentum coefficient in [0, 1).
+        batch_size: minibatch size (integer >= 1) or None for the full batch.
+        sampling: "iid" or "epoch" (see :func:`sgd`).
+
+    Raises:
+        TypeError / ValueError: as :func:`sgd`; ``beta`` outside [0, 1).
+    """
+    return OptimizerSpec("momentum", _positive(lr, "lr"), _batch(batch_size), _sampling(sampling),
                          beta=_unit_interval(beta, "beta"))
 
 
 def adam(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
          decoupled: bool = False, batch_size: int | None = None, sampling: str = "iid") -> OptimizerSpec:
-    """Adam (decoupled=False, L2 decay added to the gradient) or AdamW (decoupled=True), torch conventions."""
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
-    return OptimizerSpec("adam", _positive(lr, "lr"), _batch(batch_size), sampling,
+    """Adam (decoupled=False, L2 decay added to the gradient) or AdamW (decoupled=True), torch conventions.
+
+    Args:
+        lr: learning rate (> 0, finite).
+        beta1, beta2: moment coefficients in [0, 1).
+        eps: the denominator's regulariser (>= 0, finite). ``eps=0`` is accepted, as by
+            ``torch.optim.Adam``; then a coordinate whose second moment v is exactly 0 (a zero
+            gradient since the start, e.g. at the first step from a stationary coordinate) gives
+            a 0/0 = nan (or inf) step, and ``lyapunov_spectrum`` reports the run as "diverged".
+        weight_decay: decay coefficient (>= 0, finite).
+        decoupled: True for AdamW (a bool; strings such as "yes" are refused).
+        batch_size: minibatch size (integer >= 1) or None for the full batch.
+        sampling: "iid" or "epoch" (see :func:`sgd`).
+
+    Raises:
+        TypeError: a non-number hyperparameter, a non-bool ``decoupled``, a non-integer ``batch_size``.
+        ValueError: values out of range or non-finite (named in the message).
+    """
+    return OptimizerSpec("adam", _positive(lr, "lr"), _batch(batch_size), _sampling(sampling),
                          beta1=_unit_interval(beta1, "beta1"), beta2=_unit_interval(beta2, "beta2"),
-                         eps=_positive(eps, "eps"), weight_decay=_nonneg(weight_decay, "weight_decay"),
-                         decoupled=bool(decoupled))
+                         eps=_nonneg(eps, "eps"), weight_decay=_nonneg(weight_decay, "weight_decay"),
+                         decoupled=check_bool("decoupled", decoupled))
 
 
 class minibatch_sampler:  # noqa: N801 - used like a function
@@ -176,6 +209,11 @@ class minibatch_sampler:  # noqa: N801 - used like a function
     """
 
     def __init__(self, spec: OptimizerSpec, n: int, rng: np.random.Generator):
+        if not isinstance(spec, OptimizerSpec):
+            raise TypeError(f"spec: expected a spec from rdsim.optim (gd, sgd, momentum, adam), got {type(spec).__name__}")
+        n = check_int("n", n, 1)
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
         spec.check_data_size(n)
         self.spec, self.n, self.rng = spec, int(n), rng
         self.b = spec.batch_size or 0
@@ -183,6 +221,7 @@ class minibatch_sampler:  # noqa: N801 - used like a function
         self._pos = 0
 
     def __call__(self, n_steps: int) -> np.ndarray:
+        n_steps = check_int("n_steps", n_steps, 0)
         b, n = self.b, self.n
         if b == 0:
             return np.empty((n_steps, 0))

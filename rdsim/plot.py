@@ -317,6 +317,10 @@ def exponents_vs_lr(lrs, exponents, stderr=None, *, threshold=None, threshold_la
 
 def _curves_vs_lr(ax, lrs, curves, ylabel, threshold, threshold_label, logx, zero_line=False):
     """Draw (label, values, stderr or None, marker, marker size) curves against the sorted lrs."""
+    if not np.all(np.isfinite(lrs)):
+        raise ValueError("lrs: expected finite learning rates")
+    if not any(np.isfinite(y).any() for _, y, _, _, _ in curves):
+        raise ValueError(f"{'exponents' if zero_line else 'dims'}: no finite values to plot (all runs diverged?)")
     ax = _new_axes(ax)
     order = np.argsort(lrs, kind="stable")
     for label, y, e, marker, ms in curves:
@@ -430,7 +434,9 @@ def bifurcation(params, orbits, *, landmarks: Mapping[str, float] | None = None,
         raise ValueError(f"orbits: expected shape ({p.size}, N), got {orb.shape}")
     _check_same_length(p, orb, "params", "orbits")
     X = np.broadcast_to(p[:, None], orb.shape)
-    ok = np.isfinite(orb)
+    ok = np.isfinite(orb) & np.isfinite(X)
+    if orb.size == 0:
+        raise ValueError(f"orbits: no orbit points to plot (shape {orb.shape})")
     ax = _new_axes(ax, figsize=(6.4, 4.0))
     ax.scatter(X[ok], orb[ok], s=marker_size, c=color, marker=".", linewidths=0, rasterized=True)
     if landmarks:
@@ -821,6 +827,8 @@ def sd_vs_gap(measure, gap, *, lr=None, batch_size=None, tau=None, measure_label
         if np.any(bs <= 0):
             raise ValueError("batch_size: expected positive batch sizes")
     ok = np.isfinite(m) & np.isfinite(g)
+    if not ok.any():
+        raise ValueError(f"measure: no run with a finite measure and gap among {m.size} (all diverged?)")
     n_drop = int((~ok).sum())
     ax = _new_axes(ax, figsize=(5.4, 4.0))
     sizes = 30.0
@@ -903,6 +911,8 @@ def attractor(points, *, dims: tuple[int, int] = (0, 1), method: str = "auto", b
     P = _array(points, "points")
     if P.ndim != 2:
         raise ValueError(f"points: expected shape (n, d), got {P.shape}")
+    if P.shape[0] == 0 or P.shape[1] == 0:
+        raise ValueError(f"points: no samples to plot (shape {P.shape})")
     if method not in ("auto", "scatter", "hist"):
         raise ValueError(f"method: expected 'auto', 'scatter' or 'hist', got {method!r}")
     if P.shape[1] == 1:
@@ -910,14 +920,23 @@ def attractor(points, *, dims: tuple[int, int] = (0, 1), method: str = "auto", b
         dims = (0, 1)
         default_labels = ("sample n", "x₀")
     else:
-        if len(dims) != 2 or any(not (0 <= int(i) < P.shape[1]) for i in dims):
+        if (not isinstance(dims, Sequence) or isinstance(dims, str) or len(dims) != 2
+                or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in dims)
+                or any(not (0 <= int(i) < P.shape[1]) for i in dims)):
             raise ValueError(f"dims: expected two coordinates in [0, {P.shape[1]}), got {dims!r}")
         default_labels = (f"x{_sub(int(dims[0]))}", f"x{_sub(int(dims[1]))}")
-    if labels is not None and len(labels) != 2:
-        raise ValueError(f"labels: expected two labels, got {len(labels)}")
+    if labels is not None and (isinstance(labels, str) or len(labels) != 2):
+        raise ValueError(f"labels: expected two labels, got {labels!r}")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"bins: expected a positive integer, got {bins!r}")
+    if marker_size is not None and not _finite_scalar(marker_size, "marker_size") > 0:
+        raise ValueError(f"marker_size: expected a positive number, got {marker_size!r}")
     i, j = int(dims[0]), int(dims[1])
     x, y = P[:, i], P[:, j]
     ok = np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        raise ValueError(f"points: none of the {P.shape[0]} samples is finite in coordinates {(i, j)} "
+                         "(a diverged trajectory?)")
     x, y = x[ok], y[ok]
     if method == "auto":
         method = "scatter" if x.size <= 200_000 else "hist"
@@ -990,6 +1009,9 @@ def ladder(result, *, stderr: Mapping | None = None, d_ky=None, sd=None, ax=None
         errs = dict(stderr)
     ms = np.array(sorted(dims), dtype=np.float64)
     D = np.array([float(dims[int(m)]) for m in ms])
+    if not np.isfinite(D).any():
+        st = getattr(result, "status", "ok")
+        raise ValueError(f"result: no finite D^(m) to plot{' (status ' + repr(st) + ')' if st != 'ok' else ''}")
     E = np.array([float(errs.get(int(m), np.nan)) for m in ms])
     ax = _new_axes(ax)
     has_err = np.isfinite(E).any()

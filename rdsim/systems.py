@@ -26,6 +26,7 @@ import numpy as np
 from scipy import integrate, special
 
 from ._systems import Flow, Map
+from ._validate import check_array, check_int, check_positive_float, check_real
 
 __all__ = ["henon", "logistic", "standard_map", "cat_map", "linear_map", "lorenz", "lorenz96",
            "gaussian_matrix_product", "random_fibonacci", "gbm", "noisy_pitchfork",
@@ -50,7 +51,8 @@ def henon(a: float = 1.4, b: float = 0.3) -> Map:
     Reference (a=1.4, b=0.3): lambda = 0.41922, -1.62319; the sum is ln|b| exactly at every
     step (det Df = -b); D_KY ~ 1.2583.
     """
-    m = Map(_henon_step, _henon_jac, 2, params=(float(a), float(b)), name="henon", x0=[0.1, 0.1])
+    a, b = check_real("a", a), check_real("b", b)
+    m = Map(_henon_step, _henon_jac, 2, params=(a, b), name="henon", x0=[0.1, 0.1])
     m.reference = {"sum": float(np.log(abs(b)))}
     if (a, b) == (1.4, 0.3):
         m.reference.update(exponents=[0.41922, -1.62319], dimension=1.2583)
@@ -71,7 +73,8 @@ def logistic(r: float = 4.0) -> Map:
     Reference: lambda = ln 2 at r = 4 (beware the floating-point orbit 0.5 -> 1 -> 0, which
     sticks at the repelling fixed point 0; the default x0 avoids it).
     """
-    m = Map(_logistic_step, _logistic_jac, 1, params=(float(r),), name="logistic", x0=[0.3141592653589793])
+    r = check_real("r", r)
+    m = Map(_logistic_step, _logistic_jac, 1, params=(r,), name="logistic", x0=[0.3141592653589793])
     m.reference = {"exponents": [float(np.log(2.0))]} if r == 4.0 else {}
     return m
 
@@ -94,7 +97,8 @@ def standard_map(K: float = 1.0) -> Map:
     sea lambda_1 ~ ln(K/2) for K >~ 4 (Chirikov 1979). At K = 1 the phase space is mixed and the
     value depends on the orbit.
     """
-    m = Map(_standard_step, _standard_jac, 2, params=(float(K),), name="standard_map", x0=[0.5, 0.2])
+    K = check_real("K", K)
+    m = Map(_standard_step, _standard_jac, 2, params=(K,), name="standard_map", x0=[0.5, 0.2])
     m.reference = {"sum": 0.0}
     if K >= 4:
         m.reference["exponents_approx"] = [float(np.log(K / 2)), -float(np.log(K / 2))]
@@ -134,9 +138,9 @@ def linear_map(A) -> Map:
     Reference: the exponents are log|eig(A)| sorted descending, for any constant A (exact for
     normal A; a Jordan block converges like log(t)/t). The default x0 is the fixed point 0.
     """
-    A = np.ascontiguousarray(A, dtype=np.float64)
-    if A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(f"A: expected a square matrix, got shape {A.shape}")
+    A = check_array("A", A)
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
+        raise ValueError(f"A: expected a non-empty square matrix, got shape {A.shape}")
     n = A.shape[0]
     m = Map(_linear_step, _linear_jac, n, params=(A,), name="linear_map", x0=np.zeros(n))
     m.reference = {"exponents": sorted(np.log(np.abs(np.linalg.eigvals(A))).tolist(), reverse=True)}
@@ -159,6 +163,8 @@ def newman_exponents(n: int, sigma: float = 1.0) -> np.ndarray:
 
     lambda_i = (ln(2 sigma^2) + digamma((n - i + 1)/2)) / 2, i = 1..n (descending).
     """
+    n = check_int("n", n, 1)
+    sigma = check_positive_float("sigma", sigma)
     i = np.arange(1, n + 1)
     return 0.5 * (np.log(2.0 * sigma ** 2) + special.digamma((n - i + 1) / 2.0))
 
@@ -169,9 +175,8 @@ def gaussian_matrix_product(n: int, sigma: float = 1.0) -> Map:
     Reference: Newman's formula, :func:`newman_exponents`. The default x0 is 0, a fixed point of
     every A_t, so the tangent cocycle is exactly the matrix product and the state never overflows.
     """
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n: expected a positive integer, got {n}")
+    n = check_int("n", n, 1)
+    sigma = check_positive_float("sigma", sigma)
 
     def noise(rng, steps):
         return rng.standard_normal((steps, n * n))
@@ -225,7 +230,9 @@ def lorenz(sigma: float = 10.0, rho: float = 28.0, beta: float = 8.0 / 3.0, dt: 
     Reference (10, 28, 8/3): 0.9056, 0, -14.5723 per unit time; the sum is -(sigma + 1 + beta)
     = -41/3 (exactly, up to the RK4 error in log det); D_KY ~ 2.0621.
     """
-    f = Flow(_lorenz_rhs, _lorenz_jac, 3, dt=dt, params=(float(sigma), float(rho), float(beta)),
+    sigma, rho, beta = check_real("sigma", sigma), check_real("rho", rho), check_real("beta", beta)
+    dt = check_positive_float("dt", dt)
+    f = Flow(_lorenz_rhs, _lorenz_jac, 3, dt=dt, params=(sigma, rho, beta),
              name="lorenz", x0=[1.0, 1.0, 20.0])
     f.reference = {"sum": -(sigma + 1.0 + beta)}
     if (sigma, rho, beta) == (10.0, 28.0, 8.0 / 3.0):
@@ -258,9 +265,9 @@ def lorenz96(N: int = 40, F: float = 8.0, dt: float = 0.01) -> Flow:
     Reference (N = 40, F = 8): 13 positive exponents, one ~ 0 (autonomous flow), lambda_1 ~ 1.7,
     sum -N (the divergence of the vector field is -N everywhere).
     """
-    N = int(N)
-    if N < 4:
-        raise ValueError(f"N: expected N >= 4, got {N}")
+    N = check_int("N", N, 4)
+    F = check_real("F", F)
+    dt = check_positive_float("dt", dt)
     x0 = np.full(N, float(F))
     x0[0] += 0.01
     f = Flow(_l96_rhs, _l96_jac, N, dt=dt, params=(float(F),), name=f"lorenz96(N={N}, F={F:g})", x0=x0)
@@ -293,7 +300,9 @@ def gbm(mu: float = 0.5, sigma: float = 0.5, dt: float = 1e-3) -> Flow:
     is 0, a fixed point: the tangent cocycle (1 + mu dt + sigma dW) does not depend on x, and a
     growing state would overflow on long runs.
     """
-    f = Flow(_gbm_rhs, _gbm_jac, 1, dt=dt, params=(float(mu), float(sigma)), diffusion=_gbm_diff,
+    mu, sigma = check_real("mu", mu), check_real("sigma", sigma)
+    dt = check_positive_float("dt", dt)
+    f = Flow(_gbm_rhs, _gbm_jac, 1, dt=dt, params=(mu, sigma), diffusion=_gbm_diff,
              diffusion_jacobian=_gbm_djac, name="gbm", x0=[0.0])
     f.reference = {"exponents": [mu - 0.5 * sigma ** 2]}
     return f
@@ -322,6 +331,8 @@ def pitchfork_exponent(alpha: float, sigma: float) -> float:
     (computed by quadrature). It is negative for every alpha: additive noise destroys the
     pitchfork bifurcation (Crauel & Flandoli 1998).
     """
+    alpha = check_real("alpha", alpha)
+    sigma = check_positive_float("sigma", sigma)
     s2 = sigma ** 2
 
     def logw(x):
@@ -342,7 +353,9 @@ def noisy_pitchfork(alpha: float = 1.0, sigma: float = 1.0, dt: float = 1e-3) ->
     Reference: lambda = alpha - 3 E[x^2] under the stationary density (:func:`pitchfork_exponent`);
     e.g. alpha = 1, sigma = 1 gives a negative exponent although 0 is unstable without noise.
     """
-    f = Flow(_pf_rhs, _pf_jac, 1, dt=dt, params=(float(alpha), float(sigma)), diffusion=_pf_diff,
+    alpha, sigma = check_real("alpha", alpha), check_positive_float("sigma", sigma)
+    dt = check_positive_float("dt", dt)
+    f = Flow(_pf_rhs, _pf_jac, 1, dt=dt, params=(alpha, sigma), diffusion=_pf_diff,
              diffusion_jacobian=_pf_djac, name="noisy_pitchfork", x0=[0.1])
     f.reference = {"exponents": [pitchfork_exponent(alpha, sigma)]}
     return f

@@ -114,7 +114,7 @@ def system(toy_losses):
     (lambda: O.adam(0.1, beta1=-0.5), "beta1", ValueError),
     (lambda: O.adam(0.1, beta2=1.5), "beta2", ValueError),
     (lambda: O.adam(0.1, beta2=math.nan), "beta2", ValueError),
-    (lambda: O.adam(0.1, eps=0.0), "eps", ValueError),
+    (lambda: O.adam(0.1, eps=math.nan), "eps", ValueError),  # eps=0 is accepted, as by torch.optim
     (lambda: O.adam(0.1, eps=-1e-8), "eps", ValueError),
     (lambda: O.adam(0.1, weight_decay=-0.01), "weight_decay", ValueError),
     (lambda: O.adam(0.1, weight_decay=math.inf), "weight_decay", ValueError),
