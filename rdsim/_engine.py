@@ -36,7 +36,7 @@ TANGENT_NONFINITE = 2
 
 def run_segment(advance, orthonormalize, params, x, Q, noise, n, step0, n_total, qr_every, accumulate,
                 sums, block_sums, block_steps, n_blocks, record_every, hist, hist_steps,
-                hist_count, x_buf, V_buf, work, wv, rdiag):
+                hist_count, x_buf, V_buf, work, wv, rdiag, rank_stats=None):
     """Advance ``n`` steps (global indices step0 .. step0+n-1 of a phase of n_total steps).
 
     ``orthonormalize(Q, rdiag)`` is the QR kernel for the block's size (see
@@ -46,12 +46,20 @@ def run_segment(advance, orthonormalize, params, x, Q, noise, n, step0, n_total,
     floor(g * n_blocks / n_total) = b); every ``record_every`` steps the running estimate (per
     step) is written to ``hist``. ``x`` and ``Q`` are updated in place.
 
+    ``rank_stats`` (2,) is updated in place with what the QRs saw of the block's conditioning:
+    ``rank_stats[0]`` = the smallest min|R_ii| / max|R_ii| over the factorisations with some
+    non-zero column (a lower bound of 1 / cond(R); near machine epsilon the block lost rank),
+    ``rank_stats[1]`` += the number of factorisations whose block was exactly zero (a zero
+    Jacobian: the exponents are -inf, a result). A zero |R_ii| is accumulated as log 0 = -inf.
+
     Returns (status, step index of failure or -1, number of history records written).
     """
+    if rank_stats is None:
+        rank_stats = np.array([1.0, 0.0])
     kernel = segment_kernel(advance, orthonormalize, x.shape[0], Q.shape[0], Q.shape[1])
     return kernel(params, x, Q, noise, n, step0, n_total, qr_every, accumulate, sums, block_sums,
                   block_steps, n_blocks, record_every, hist, hist_steps, hist_count, x_buf, V_buf,
-                  work, wv, rdiag)
+                  work, wv, rdiag, rank_stats)
 
 
 @functools.lru_cache(maxsize=256)
@@ -73,7 +81,7 @@ def segment_kernel(advance, orthonormalize, d, dt, k):
     @nb.njit(**NUMBA_OPTIONS)
     def kernel(params, x, Q, noise, n, step0, n_total, qr_every, accumulate, sums, block_sums,
                block_steps, n_blocks, record_every, hist, hist_steps, hist_count, x_buf, V_buf,
-               work, wv, rdiag):
+               work, wv, rdiag, rank_stats):
         m = noise.shape[1]
         n_wv = wv.shape[0] * wv.shape[1]
         n_work = work.shape[0] * work.shape[1] * work.shape[2]
@@ -108,6 +116,8 @@ def segment_kernel(advance, orthonormalize, d, dt, k):
             sm[j] = sums[j]
         status = OK
         fail = -1
+        worst = rank_stats[0]
+        n_zero = 0
         since_qr = step0 % qr_every
         b = (step0 * n_blocks) // n_total
         next_b = -((-(b + 1) * n_total) // n_blocks)  # ceil((b+1) * n_total / n_blocks)
@@ -138,10 +148,21 @@ def segment_kernel(advance, orthonormalize, d, dt, k):
                     for j in range(k):
                         Qa[i, j] = Vb[i, j]
                 ok = True
+                rmax = 0.0
+                rmin = np.inf
                 for j in range(k):
                     r = rd[j]
-                    if not (r > 0.0 and r < np.inf):
+                    if not (r >= 0.0 and r < np.inf):
                         ok = False
+                    if r > rmax:
+                        rmax = r
+                    if r < rmin:
+                        rmin = r
+                if rmax > 0.0:
+                    if rmin < worst * rmax:
+                        worst = rmin / rmax
+                else:
+                    n_zero += 1
                 if not ok:
                     status = TANGENT_NONFINITE
                     fail = g
@@ -189,6 +210,8 @@ def segment_kernel(advance, orthonormalize, d, dt, k):
             block_steps[b] += b_steps
         for j in range(k):
             rdiag[j] = rd[j]
+        rank_stats[0] = worst
+        rank_stats[1] += n_zero
         return status, fail, hist_count
 
     return kernel

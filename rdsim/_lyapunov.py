@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 
 from . import _config
 from ._dimension import Dimension, kaplan_yorke_dimension
-from ._engine import OK, STATE_NONFINITE, run_segment
+from ._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE, run_segment
 from ._linalg import make_orthonormalize
 from ._systems import AbstractNumbaSystem, AbstractSystem, NoiseStream
 
 __all__ = ["LyapunovResult", "lyapunov_spectrum", "start_block"]
+
+#: A QR whose min|R_ii| / max|R_ii| falls below this (about e^-30, ~ 400 machine epsilons) means
+#: the tangent block lost rank: the trailing columns are rounding noise, their exponents garbage.
+#: The run gets status "rank_lost" (and a RuntimeWarning).
+RANK_LOST_RATIO: float = math.exp(-30.0)
+
+#: Below this ratio (about e^-18, MATH.md §2: (lambda_1 - lambda_k) * qr_every <~ 18) the
+#: trailing exponents lose accuracy: a RuntimeWarning advises a smaller qr_every.
+RANK_WARN_RATIO: float = math.exp(-18.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +35,11 @@ class LyapunovResult:
         stderr: (k,) standard errors from block means (std of block means / sqrt(n_blocks)).
         dimension: Kaplan-Yorke dimension of ``exponents`` (a float; ``dimension.lower_bound`` is
             True when k < dim and the sum of the k exponents is still non-negative).
-        status: ``"ok"`` or ``"diverged"``.
+        status: ``"ok"``, ``"diverged"`` (the state became non-finite, or with qr_every = 1 the
+            Jacobian did) or ``"rank_lost"`` (the state stayed finite but the tangent block lost
+            rank: a QR saw min|R_ii| / max|R_ii| below :data:`RANK_LOST_RATIO`, or the block
+            overflowed between QRs; lower ``qr_every``). An exactly zero Jacobian is a result:
+            status "ok" with exponents -inf.
         diverged_at: index of the step (counted from the start of the transient) at which the
             state or the tangent block became non-finite, or None.
         n_steps: accumulated steps (after the transient).
@@ -173,7 +187,7 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
     n_qr_acc = (n_steps + qr_every - 1) // qr_every
     n_blocks = max(1, min(n_blocks, n_qr_acc))
     n_hist = n_steps // record_every + 2
-    state = dict(sums=np.zeros(k), block_sums=np.zeros((n_blocks, k)), block_steps=np.zeros(n_blocks),
+    state = dict(rank_stats=np.array([1.0, 0.0]), sums=np.zeros(k), block_sums=np.zeros((n_blocks, k)), block_steps=np.zeros(n_blocks),
                  hist=np.zeros((n_hist, k)), hist_steps=np.zeros(n_hist, dtype=np.int64))
 
     bar = None
@@ -210,20 +224,52 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
     sums, bsums, bsteps = state["sums"], state["block_sums"], state["block_steps"]
     hist = state["hist"][:hist_count] / dt
     hist_steps = state["hist_steps"][:hist_count].copy()
-    if status == OK:
+    worst_ratio, n_zero_qr = float(state["rank_stats"][0]), int(state["rank_stats"][1])
+    rank_lost = False
+    if status == TANGENT_NONFINITE and qr_every > 1:
+        # the state is finite: the block overflowed (or underflowed) between two QRs
+        rank_lost = True
+    if status == OK or rank_lost:
         exps = sums / (n_steps * dt)
         used = bsteps > 0
         means = bsums[used] / (bsteps[used, None] * dt)
         if means.shape[0] >= 2:
-            stderr = means.std(axis=0, ddof=1) / np.sqrt(means.shape[0])
+            with np.errstate(invalid="ignore"):  # -inf exponents (a zero Jacobian): stderr NaN
+                stderr = means.std(axis=0, ddof=1) / np.sqrt(means.shape[0])
         else:
             stderr = np.full(k, np.nan)
         order = np.argsort(-exps, kind="stable")
         exps, stderr, means, hist = exps[order], stderr[order], means[:, order], hist[:, order]
         Q = Q[:, order]
-        dim_val = kaplan_yorke_dimension(exps, dim=d)
+        dim_val = kaplan_yorke_dimension(exps, dim=d) if np.all(np.isfinite(exps)) else \
+            _dimension_with_neg_inf(exps, d)
         msg = "ok"
         res_status, div_at = "ok", None
+        gap = -math.log(worst_ratio) if worst_ratio > 0 else math.inf
+        if rank_lost:
+            exps = np.full(k, np.nan)
+            stderr = np.full(k, np.nan)
+            dim_val = Dimension(np.nan)
+            res_status = "rank_lost"
+            msg = (f"the tangent block became non-finite at step {fail_at} while the state stayed finite: "
+                   f"it overflowed between two QRs (qr_every={qr_every}), or the Jacobian is non-finite "
+                   f"there; lower qr_every so that (lambda_1 - lambda_k) * qr_every * dt stays below about 18")
+        elif worst_ratio < RANK_LOST_RATIO:
+            res_status = "rank_lost"
+            msg = (f"the tangent block lost rank: a QR saw min|R_ii| / max|R_ii| = {worst_ratio:.1e} "
+                   f"(a log gap of {gap:.0f}, i.e. (lambda_1 - lambda_k) * qr_every ~ {gap:.0f} > 30): "
+                   f"the trailing exponents are rounding noise (lambda_1 is still sound); lower "
+                   f"qr_every (now {qr_every}) so that the gap stays below about 18, or, if the Jacobian "
+                   f"is singular, the trailing exponents are -inf")
+        elif worst_ratio < RANK_WARN_RATIO:
+            msg = (f"ok, but a QR saw min|R_ii| / max|R_ii| = {worst_ratio:.1e} ((lambda_1 - lambda_k) * "
+                   f"qr_every ~ {gap:.0f} > 18): the trailing exponents may be inaccurate; lower qr_every "
+                   f"(now {qr_every})")
+        elif n_zero_qr:
+            msg = (f"ok: the tangent block was exactly zero at {n_zero_qr} QR(s) (a zero Jacobian), "
+                   f"so the exponents are -inf")
+        if msg != "ok" and (res_status == "rank_lost" or worst_ratio < RANK_WARN_RATIO):
+            warnings.warn(f"lyapunov_spectrum({system.name}): {msg}", RuntimeWarning, stacklevel=2)
     else:
         what = "state" if status == STATE_NONFINITE else "tangent block"
         msg = f"the {what} became non-finite (or degenerate) at step {fail_at}"
@@ -236,6 +282,13 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
                           diverged_at=div_at, n_steps=n_steps, history=hist, history_steps=hist_steps,
                           x_final=x, message=msg, block_means=means, Q_final=Q,
                           n_qr=int(state.get("n_qr", 0)), seed=seed, system_name=system.name)
+
+
+def _dimension_with_neg_inf(exps, d):
+    """Kaplan-Yorke dimension when some exponents are -inf (a zero Jacobian) or not finite."""
+    if np.any(np.isnan(exps)) or np.any(exps == np.inf):
+        return Dimension(np.nan)
+    return kaplan_yorke_dimension(exps, dim=d)
 
 
 def _run_numba(system, x, Q, noise, n_total, qr_every, accumulate, n_blocks, record_every, state,
@@ -253,7 +306,7 @@ def _run_numba(system, x, Q, noise, n_total, qr_every, accumulate, n_blocks, rec
             system._advance, ortho, system._kernel_params, x, Q, xi, n, done, n_total, qr_every, accumulate,
             state["sums"], state["block_sums"], state["block_steps"], n_blocks,
             record_every if accumulate else 0, state["hist"], state["hist_steps"], hist_count,
-            x_buf, V_buf, work, wv, rdiag)
+            x_buf, V_buf, work, wv, rdiag, state["rank_stats"])
         end = done + n
         state["n_qr"] = state.get("n_qr", 0) + (end // qr_every - done // qr_every) + \
             (1 if end == n_total and n_total % qr_every else 0)
@@ -287,7 +340,13 @@ def _run_python(system, x, Q, noise, n_total, qr_every, accumulate, n_blocks, re
             rd = np.abs(np.diag(r))
             Q[:, :] = q
             state["n_qr"] = state.get("n_qr", 0) + 1
-            if not np.all(rd > 0):
+            rs = state.get("rank_stats")
+            if rs is not None and np.all(np.isfinite(rd)):
+                if rd.max() > 0:
+                    rs[0] = min(rs[0], rd.min() / rd.max())
+                else:
+                    rs[1] += 1
+            if not np.all(np.isfinite(rd)):
                 from ._engine import TANGENT_NONFINITE
                 return TANGENT_NONFINITE, g, hist_count
             if accumulate:

@@ -446,3 +446,31 @@ def test_flow_bad_dim_and_params():
         rdsim.Flow(_rhs, _rhs_jac, 0, dt=0.01)
     with pytest.raises(TypeError, match="params"):
         rdsim.Flow(_rhs, _rhs_jac, 2, dt=0.01, params=1.0)
+
+
+# --- degenerate and rank-lost tangent blocks (issue 12) ----------------------------------------
+
+
+def test_zero_jacobian_is_minus_inf_not_divergence():
+    # logistic r = 4 from 0.5: f'(0.5) = 0, so the tangent is exactly zero from step 0 on
+    res = rdsim.lyapunov_spectrum(rdsim.systems.logistic(4.0), [0.5], 100)
+    assert res.status == "ok" and res.diverged_at is None
+    assert res.exponents[0] == -np.inf
+    assert float(res.dimension) == 0.0
+
+
+@pytest.mark.parametrize("qr_every", [30, 1000])
+def test_rank_loss_is_reported(qr_every):
+    with pytest.warns(RuntimeWarning, match="qr_every"):
+        res = rdsim.lyapunov_spectrum(rdsim.systems.henon(), [0.1, 0.1], 3000, qr_every=qr_every, transient=100)
+    assert res.status == "rank_lost" and res.diverged_at is None  # a bounded orbit never "diverged"
+    assert "qr_every" in res.message
+    assert np.all(np.isfinite(res.x_final))
+
+
+def test_well_conditioned_qr_every_has_no_warning():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = rdsim.lyapunov_spectrum(rdsim.systems.henon(), [0.1, 0.1], 3000, qr_every=5, transient=100)
+    assert res.status == "ok"
