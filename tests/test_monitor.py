@@ -261,3 +261,8 @@ def test_dataset_and_loader_as_data():
     H_ref = rt.HessianOperator(net, F.mse_loss, (X, y)).dense()
     for data in (ds, Pairs(), torch.utils.data.DataLoader(ds, batch_size=8)):
         torch.testing.assert_close(rt.HessianOperator(net, F.mse_loss, data).dense(), H_ref, rtol=0, atol=1e-12)
+    # sharpness_dimension: the same minibatches (drawn from seed) whatever form the data take
+    sd_ref = rt.sharpness_dimension(net, F.mse_loss, (X, y), lr=0.1, batch_size=4, n_batches=3, baselines=False)
+    for data in (ds, loader, Pairs()):
+        sd = rt.sharpness_dimension(net, F.mse_loss, data, lr=0.1, batch_size=4, n_batches=3, baselines=False)
+        np.testing.assert_array_equal(sd.lambdas, sd_ref.lambdas)

@@ -14,6 +14,7 @@ from .._dimension import weighted_kaplan_yorke
 from .._sharpness import (RANK_TOL, SharpnessResult, _minibatches, check_batch_size, check_flag, check_lr,
                           check_method, check_n_iter, check_options, check_pos_int, check_rank_tol, check_seed,
                           exact_sharpness_values, jackknife_sd, neutral_share, pseudo_spectrum, slq_counts)
+from ._data import as_pair
 from ._hessian import HessianOperator, SpectralDensity, _check_basis, lanczos, lanczos_lockstep
 from ._structured import structured_eigenvalues
 
@@ -160,7 +161,9 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     Args:
         model: the network at the point of interest (eval mode if it has BatchNorm; not modified).
         loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss.
-        data: the training set ``(inputs, targets)``.
+        data: the training set ``(inputs, targets)``, a ``torch.utils.data.Dataset`` of (input,
+            target) samples or a ``DataLoader`` (its data set, materialised once; the minibatches
+            are drawn from ``seed``, not by the loader).
         lr: learning rate eta > 0; batch_size: minibatch size (<= the number of samples).
         method: "exact", "slq", "kde" or "ps"; n_batches: minibatches (= SLQ runs), >= 1.
         seed: seeds minibatches, start vectors and range-finder blocks.
@@ -218,9 +221,7 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     if (isinstance(basis_bytes, bool) or not isinstance(basis_bytes, (int, float, np.integer, np.floating))
             or not math.isfinite(basis_bytes) or basis_bytes <= 0):
         raise ValueError(f"basis_bytes: expected a positive number of bytes, got {basis_bytes!r}")
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError("data: expected the training set as a pair (inputs, targets)")
-    X, y = data
+    X, y = as_pair(data)  # tensors, a Dataset or a DataLoader (materialised once; the minibatches are ours)
     if not hasattr(X, "shape") or not hasattr(y, "shape") or len(X.shape) == 0 or len(y.shape) == 0:
         raise TypeError("data: expected (inputs, targets) as tensors or arrays with a leading sample dimension")
     n_samples = int(X.shape[0])
