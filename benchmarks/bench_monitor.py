@@ -21,16 +21,9 @@ import rdsim
 import rdsim.torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_optim import best_of  # noqa: E402  (one timing helper for the torch benchmarks)
 from models import MLP  # noqa: E402
-
-
-def best_of(fn, repeats=3):
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main():
