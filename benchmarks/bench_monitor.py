@@ -11,10 +11,8 @@ same k.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import rdsim
