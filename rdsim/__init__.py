@@ -5,7 +5,7 @@ on a numba backend for toy systems and a torch backend for neural networks.
 """
 
 from ._dimension import Dimension, kaplan_yorke_dimension, sharpness_dimension
-from ._lyapunov import LyapunovResult, lyapunov_spectrum
+from ._lyapunov import LyapunovCheckpoint, LyapunovResult, lyapunov_spectrum
 from ._ladder import LadderResult, dimension_ladder, rds_sharpness
 from ._sharpness import SharpnessResult, loss_sharpness_dimension
 from ._systems import AbstractNumbaSystem, AbstractSystem, Flow, Map
@@ -20,6 +20,7 @@ __all__ = [
     "Dimension",
     "Flow",
     "LadderResult",
+    "LyapunovCheckpoint",
     "LyapunovResult",
     "Map",
     "OptimizerMap",

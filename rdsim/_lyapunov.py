@@ -14,7 +14,7 @@ from ._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE, run_segment
 from ._linalg import make_orthonormalize
 from ._systems import AbstractNumbaSystem, AbstractSystem, NoiseStream
 
-__all__ = ["LyapunovResult", "lyapunov_spectrum", "start_block"]
+__all__ = ["LyapunovCheckpoint", "LyapunovResult", "lyapunov_spectrum", "start_block"]
 
 #: A QR whose min|R_ii| / max|R_ii| falls below this (about e^-30, ~ 400 machine epsilons) means
 #: the tangent block lost rank: the trailing columns are rounding noise, their exponents garbage.
@@ -24,6 +24,94 @@ RANK_LOST_RATIO: float = math.exp(-30.0)
 #: Below this ratio (about e^-18, MATH.md §2: (lambda_1 - lambda_k) * qr_every <~ 18) the
 #: trailing exponents lose accuracy: a RuntimeWarning advises a smaller qr_every.
 RANK_WARN_RATIO: float = math.exp(-18.0)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LyapunovCheckpoint:
+    """Everything needed to continue a :func:`lyapunov_spectrum` run (frozen).
+
+    A run split in two, ``a = lyapunov_spectrum(s, x0, n1, ...)`` then
+    ``lyapunov_spectrum(s, None, n2, resume=a)``, gives the same exponents as one run of n1 + n2
+    steps with the same arguments: bitwise for numba systems and the torch backend on CPU, as long
+    as n1 is a multiple of ``qr_every`` (otherwise the first run's closing QR falls off the grid of
+    the single run and the two differ at rounding level). The error bars come from the blocks of
+    both runs (the first run's and the continuation's ``n_blocks`` blocks).
+
+    Attributes:
+        x: (dim,) the state after the run.
+        Q: (tangent_dim, k) the orthonormal tangent block, columns in the loop's order (not sorted).
+        sums: (k,) accumulated log |R_ii| in the loop's column order (float64).
+        n_steps: accumulated steps so far (after the transient).
+        noise_steps: noise vectors consumed so far (transient + accumulated steps); the
+            continuation draws the noise stream of ``seed`` from there on.
+        seed, qr_every: those of the run (the continuation keeps them).
+        block_sums, block_steps: the error blocks so far.
+        history, history_steps: running estimates (per step, loop column order) so far.
+        n_qr: QR factorisations so far.
+        rank_stats: (2,) the worst min|R_ii| / max|R_ii| seen and the number of zero blocks.
+        system_name, dt: of the system (checked when resuming).
+
+    ``save(path)`` writes a ``.npz`` file atomically; ``LyapunovCheckpoint.load(path)`` reads it;
+    ``resume=`` also accepts the path directly.
+    """
+
+    x: np.ndarray
+    Q: np.ndarray
+    sums: np.ndarray
+    n_steps: int
+    noise_steps: int
+    seed: int
+    qr_every: int
+    block_sums: np.ndarray
+    block_steps: np.ndarray
+    history: np.ndarray
+    history_steps: np.ndarray
+    n_qr: int = 0
+    rank_stats: np.ndarray = dataclasses.field(default_factory=lambda: np.array([1.0, 0.0]))
+    system_name: str = ""
+    dt: float = 1.0
+
+    @property
+    def k(self) -> int:
+        return int(self.Q.shape[1])
+
+    def __repr__(self) -> str:
+        return (f"LyapunovCheckpoint({self.system_name!s}: n_steps={self.n_steps}, noise_steps={self.noise_steps}, "
+                f"k={self.k}, qr_every={self.qr_every}, seed={self.seed})")
+
+    def save(self, path) -> None:
+        """Write the checkpoint to ``path`` (``.npz``) atomically."""
+        import io
+
+        from ._io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        arrays = {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        arrays["format"] = np.asarray("rdsim.LyapunovCheckpoint/1")
+        np.savez(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> "LyapunovCheckpoint":
+        """Read a checkpoint written by :meth:`save` (ValueError if the file is not one)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                fmt = str(z["format"]) if "format" in z.files else None
+                raw = {f.name: z[f.name] for f in dataclasses.fields(cls) if f.name in z.files}
+        except Exception as err:  # OSError, zipfile.BadZipFile, pickled or truncated data, ...
+            raise ValueError(f"resume: cannot read a LyapunovCheckpoint from {path}: {err}") from err
+        if fmt != "rdsim.LyapunovCheckpoint/1" or len(raw) != len(dataclasses.fields(cls)):
+            raise ValueError(f"resume: {path} is not an rdsim LyapunovCheckpoint file")
+        kw = {}
+        for name, v in raw.items():
+            if name in ("n_steps", "noise_steps", "seed", "qr_every", "n_qr"):
+                v = int(v)
+            elif name == "system_name":
+                v = str(v)
+            elif name == "dt":
+                v = float(v)
+            kw[name] = v
+        return cls(**kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +139,8 @@ class LyapunovResult:
         Q_final: (dim, k) the final orthonormal tangent block (to continue a run).
         n_qr: number of QR factorisations performed.
         seed: the seed used.
+        checkpoint: a :class:`LyapunovCheckpoint` to continue the run (``resume=``); None when
+            the run did not end with status "ok".
     """
 
     exponents: np.ndarray
@@ -68,6 +158,7 @@ class LyapunovResult:
     n_qr: int = 0
     seed: int | None = None
     system_name: str = ""
+    checkpoint: LyapunovCheckpoint | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def dimension_is_lower_bound(self) -> bool:
@@ -108,7 +199,7 @@ def _seeds(seed):
 def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None = None,
                       transient: int = 0, qr_every: int = 1, seed: int = 0, n_blocks: int = 20,
                       record_every: int | None = None, progress: bool = False,
-                      Q0=None) -> LyapunovResult:
+                      Q0=None, resume=None) -> LyapunovResult:
     """Lyapunov spectrum of a (random) dynamical system by QR-based tangent products.
 
     Starting from a seeded random orthonormal (d, k) block Q_0, for t = 0 .. T-1 the tangent block
@@ -132,6 +223,12 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
             ``qr_every``); None records about 200 times.
         progress: show a tqdm progress bar.
         Q0: optional user start block (dim, k); it is orthonormalised.
+        resume: continue an earlier run: its :class:`LyapunovResult`, its ``checkpoint`` or the
+            path of a saved checkpoint (:meth:`LyapunovCheckpoint.save`). ``x0`` must be None,
+            ``transient`` 0 and ``Q0`` None; ``k``, ``qr_every`` and ``seed`` are the checkpoint's
+            (passing other values raises). ``n_steps`` more steps are accumulated and the result
+            covers both runs: split at a multiple of ``qr_every``, the exponents equal those of
+            one run of the total length (bitwise for numba systems and the torch backend on CPU).
 
     Returns:
         LyapunovResult. A run whose state or tangent becomes non-finite returns status
@@ -146,6 +243,12 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
         >>> [round(float(v), 2) for v in res.exponents]
         [0.42, -1.62]
 
+        Continue it for as many steps again (equal to one run of 200,000 steps):
+
+        >>> more = rdsim.lyapunov_spectrum(rdsim.systems.henon(), None, 100_000, resume=res)
+        >>> more.n_steps
+        200000
+
     References:
         Benettin, Galgani, Giorgilli, Strelcyn (1980); Shimada & Nagashima (1979);
         Geist, Parlitz & Lauterborn (1990).
@@ -157,20 +260,28 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
     transient = _check_int(transient, "transient", 0)
     qr_every = _check_int(qr_every, "qr_every", 1)
     n_blocks = _check_int(n_blocks, "n_blocks", 2)
+    k_arg = k
     if k is None:
         k = d
     k = _check_int(k, "k", 1)
     if k > d:
         raise ValueError(f"k: expected 1 <= k <= dim = {d}, got {k}")
+    ck = None
+    if resume is not None:
+        ck = _as_checkpoint(resume)
+        _check_resume(system, ck, x0, transient, Q0, k_arg, qr_every, seed)
+        k, qr_every, seed = ck.k, ck.qr_every, ck.seed
     if record_every is None:
         record_every = max(1, n_steps // 200)
     else:
         record_every = _check_int(record_every, "record_every", 1)
     record_every = qr_every * math.ceil(record_every / qr_every)
-    x = system.initial_state(x0)
+    x = system.initial_state(x0) if ck is None else np.array(ck.x, dtype=np.float64)
 
     block_rng, noise_rng = _seeds(seed)
-    if Q0 is None:
+    if ck is not None:
+        Q = np.array(ck.Q, dtype=np.float64, order="C")
+    elif Q0 is None:
         Q = start_block(d, k, block_rng)
     else:
         Q0 = np.asarray(Q0, dtype=np.float64)
@@ -183,6 +294,8 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
             raise ValueError("Q0: columns must be linearly independent")
         Q = np.ascontiguousarray(q)
     noise = NoiseStream(system, noise_rng)
+    if ck is not None:
+        _skip_noise(noise, ck.noise_steps)
 
     n_qr_acc = (n_steps + qr_every - 1) // qr_every
     n_blocks = max(1, min(n_blocks, n_qr_acc))
@@ -194,6 +307,11 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=transient + n_steps, desc=f"lyapunov {system.name}", unit="step", leave=False)
+
+    if ck is not None:
+        state["sums"][:] = ck.sums
+        state["rank_stats"][:] = ck.rank_stats
+        state["n_qr"] = ck.n_qr
 
     if isinstance(system, AbstractNumbaSystem):
         runner = _run_numba
@@ -222,8 +340,26 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
 
     dt = system.dt
     sums, bsums, bsteps = state["sums"], state["block_sums"], state["block_steps"]
-    hist = state["hist"][:hist_count] / dt
+    hist_raw = state["hist"][:hist_count]
     hist_steps = state["hist_steps"][:hist_count].copy()
+    n_this = n_steps
+    if ck is not None:
+        # the loop recorded (all sums) / (steps of this run): rescale to the whole run, prepend
+        hist_raw = hist_raw * (hist_steps / (hist_steps + ck.n_steps))[:, None]
+        hist_raw = np.concatenate([np.asarray(ck.history, dtype=np.float64).reshape(-1, k), hist_raw])
+        hist_steps = np.concatenate([np.asarray(ck.history_steps, dtype=np.int64), hist_steps + ck.n_steps])
+        bsums = np.concatenate([np.asarray(ck.block_sums, dtype=np.float64).reshape(-1, k), bsums])
+        bsteps = np.concatenate([np.asarray(ck.block_steps, dtype=np.float64), bsteps])
+        n_steps = n_steps + ck.n_steps
+    hist = hist_raw / dt
+    checkpoint = None
+    if status == OK:
+        checkpoint = LyapunovCheckpoint(
+            x=x.copy(), Q=Q.copy(), sums=sums.copy(), n_steps=n_steps,
+            noise_steps=(ck.noise_steps if ck is not None else transient) + n_this, seed=seed,
+            qr_every=qr_every, block_sums=bsums.copy(), block_steps=bsteps.copy(), history=hist_raw.copy(),
+            history_steps=hist_steps.copy(), n_qr=int(state.get("n_qr", 0)),
+            rank_stats=state["rank_stats"].copy(), system_name=system.name, dt=float(dt))
     worst_ratio, n_zero_qr = float(state["rank_stats"][0]), int(state["rank_stats"][1])
     rank_lost = False
     if status == TANGENT_NONFINITE and qr_every > 1:
@@ -281,7 +417,55 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
     return LyapunovResult(exponents=exps, stderr=stderr, dimension=dim_val, status=res_status,
                           diverged_at=div_at, n_steps=n_steps, history=hist, history_steps=hist_steps,
                           x_final=x, message=msg, block_means=means, Q_final=Q,
-                          n_qr=int(state.get("n_qr", 0)), seed=seed, system_name=system.name)
+                          n_qr=int(state.get("n_qr", 0)), seed=seed, system_name=system.name,
+                          checkpoint=checkpoint if res_status == "ok" else None)
+
+
+def _as_checkpoint(resume) -> LyapunovCheckpoint:
+    import os
+
+    if isinstance(resume, LyapunovCheckpoint):
+        return resume
+    if isinstance(resume, LyapunovResult):
+        if resume.checkpoint is None:
+            raise ValueError(f"resume: the run ended with status {resume.status!r}; only a run with status "
+                             f"'ok' can be continued")
+        return resume.checkpoint
+    if isinstance(resume, (str, os.PathLike)):
+        return LyapunovCheckpoint.load(resume)
+    raise TypeError(f"resume: expected a LyapunovResult, a LyapunovCheckpoint or a path, got {type(resume).__name__}")
+
+
+def _check_resume(system, ck, x0, transient, Q0, k, qr_every, seed):
+    if x0 is not None:
+        raise ValueError("x0: must be None when resuming (the run continues from the checkpoint's state)")
+    if transient:
+        raise ValueError(f"transient: must be 0 when resuming, got {transient}")
+    if Q0 is not None:
+        raise ValueError("Q0: must be None when resuming (the run continues from the checkpoint's block)")
+    d = system.tangent_dim
+    if ck.Q.shape[0] != d or np.asarray(ck.x).shape != (system.dim,):
+        raise ValueError(f"resume: the checkpoint has a state of size {np.asarray(ck.x).shape[0]} and a block of "
+                         f"{ck.Q.shape[0]} rows; this system has dim {system.dim} and tangent_dim {d}")
+    if ck.system_name and ck.system_name != system.name:
+        raise ValueError(f"resume: the checkpoint is of system {ck.system_name!r}, not {system.name!r}")
+    if not math.isclose(float(ck.dt), float(system.dt), rel_tol=0, abs_tol=0):
+        raise ValueError(f"resume: the checkpoint has dt = {ck.dt}, the system {system.dt}")
+    if k is not None and k != ck.k:
+        raise ValueError(f"k: the checkpoint has k = {ck.k}, got {k}")
+    if qr_every not in (1, ck.qr_every):
+        raise ValueError(f"qr_every: the checkpoint has qr_every = {ck.qr_every}, got {qr_every}")
+    if seed not in (0, ck.seed):
+        raise ValueError(f"seed: the checkpoint has seed = {ck.seed}, got {seed}")
+
+
+def _skip_noise(noise, n):
+    """Advance a NoiseStream by n steps (in chunks, so memory stays bounded)."""
+    chunk = max(1, int(noise.chunk))
+    while n > 0:
+        m = min(n, chunk)
+        noise.take(m)
+        n -= m
 
 
 def _dimension_with_neg_inf(exps, d):

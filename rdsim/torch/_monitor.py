@@ -252,6 +252,7 @@ class TrainingMonitor:
         self._writer = self._make_writer(writer)
         self._twin_logs: list[torch.Tensor] = []
         self._twin_pending_steps = 0
+        self._check_from = 0
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _count_step(self, optimizer, args, kwargs):
@@ -279,7 +280,7 @@ class TrainingMonitor:
         raise TypeError(f"writer: expected a SummaryWriter, an object with add_scalar, or a log directory, got {type(writer).__name__}")
 
     def _check_step_count(self):
-        if self.n_steps == 0:
+        if self.n_steps == self._check_from:  # the first observed step (of this process)
             self._last_seen = self._opt_steps
             return
         stepped = self._opt_steps - self._last_seen
@@ -517,6 +518,66 @@ class TrainingMonitor:
             total += float(torch.log(self._separation() / self._d0))
             steps += self._twin_pending_steps + 1
         return total, steps, logs
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the monitor has gathered, to save beside the model's and optimizer's state dicts.
+
+        A training run that is stopped, saved (``torch.save({"model": ..., "optimizer": ...,
+        "monitor": monitor.state_dict()}, path)``) and continued in a new process with a monitor
+        built with the same arguments and ``monitor.load_state_dict(...)`` gives the same
+        exponents, records and history as one uninterrupted run (bitwise on CPU). Tensors are
+        on the CPU; the dict holds only tensors, numbers, strings, lists and dicts.
+        """
+        self._sync_qr_flags()
+        self._consolidate()
+        st = {"format": "rdsim.TrainingMonitor/1", "method": self.method, "k": self.k, "dim": self.dim,
+              "n_params": self.n_params, "seed": self.seed, "qr_every": self.qr_every, "n_steps": self.n_steps,
+              "lr_history": list(self.lr_history), "records": [dict(r) for r in self.records],
+              "qr_note": self.qr_note}
+        if self.method == "tangent":
+            st.update(Q=self._Q.detach().cpu().clone(), since_qr=self._since_qr, householder=self._householder,
+                      rows=self._stacked[0].cpu().clone() if self._stacked else None)
+        else:
+            st.update(twin_logs=[float(v) for v in self._twin_logs], twin_pending_steps=self._twin_pending_steps,
+                      d0=None if self._shadow is None else float(self._d0),
+                      shadow=None if self._shadow is None else copy.deepcopy(self._shadow.state_dict()),
+                      shadow_optimizer=None if self._shadow is None else copy.deepcopy(self._shadow_opt.state_dict()))
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into a monitor built with the same arguments (before observing).
+
+        Raises:
+            ValueError: ``state`` is not a monitor state, or it was made with another method, k,
+                seed, qr_every or model size, or this monitor has already observed steps.
+        """
+        if not isinstance(state, dict) or state.get("format") != "rdsim.TrainingMonitor/1":
+            raise ValueError("state: expected a dict from TrainingMonitor.state_dict()")
+        if self.n_steps:
+            raise ValueError("load_state_dict: this monitor has already observed steps; load into a fresh one")
+        for key in ("method", "k", "dim", "n_params", "seed", "qr_every"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"state: was saved with {key}={state[key]!r}, this monitor has {key}={getattr(self, key)!r}")
+        self.n_steps = int(state["n_steps"])
+        self._check_from = self.n_steps
+        self.lr_history = list(state["lr_history"])
+        self.records = [dict(r) for r in state["records"]]
+        self.qr_note = state["qr_note"]
+        if self.method == "tangent":
+            self._Q = state["Q"].to(device=self.device, dtype=self.dtype).clone()
+            self._since_qr = int(state["since_qr"])
+            self._householder = bool(state["householder"])
+            self._rows = []
+            self._stacked = [] if state["rows"] is None else [state["rows"].to(self.device).clone()]
+        else:
+            self._twin_logs = [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in state["twin_logs"]]
+            self._twin_pending_steps = int(state["twin_pending_steps"])
+            if state["shadow"] is not None:
+                self._shadow, self._shadow_opt = self._make_shadow()
+                self._shadow.load_state_dict(state["shadow"])
+                self._shadow_opt.load_state_dict(state["shadow_optimizer"])
+                self._d0 = torch.as_tensor(state["d0"], dtype=torch.float64, device=self.device)
 
     # -- results ---------------------------------------------------------------------------------
     def lyapunov(self, *, transient: int = 0, n_blocks: int = 20) -> LyapunovResult:
