@@ -13,6 +13,7 @@ from ._dimension import Dimension, kaplan_yorke_dimension
 from ._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE, run_segment
 from ._linalg import make_orthonormalize
 from ._systems import AbstractNumbaSystem, AbstractSystem, NoiseStream
+from ._validate import UserFunctionError, call_user, check_bool, check_seed
 
 __all__ = ["LyapunovCheckpoint", "LyapunovResult", "lyapunov_spectrum", "start_block"]
 
@@ -260,6 +261,8 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
     transient = _check_int(transient, "transient", 0)
     qr_every = _check_int(qr_every, "qr_every", 1)
     n_blocks = _check_int(n_blocks, "n_blocks", 2)
+    seed = check_seed(seed)
+    progress = check_bool("progress", progress)
     k_arg = k
     if k is None:
         k = d
@@ -318,7 +321,12 @@ def lyapunov_spectrum(system: AbstractSystem, x0, n_steps: int, *, k: int | None
     elif hasattr(system, "_run_phase"):
         # systems with their own fast loop (the torch backend keeps state and block on its device)
         def runner(system, *args):
-            return system._run_phase(*args)
+            try:
+                return system._run_phase(*args)
+            except (UserFunctionError, ValueError, TypeError):
+                raise
+            except Exception as err:  # the model's forward or loss_fn raised inside the loop
+                raise UserFunctionError("model/loss_fn", err, where=system.name) from err
     else:
         runner = _run_python
     status, fail_at, hist_count = OK, -1, 0
@@ -485,12 +493,16 @@ def _run_numba(system, x, Q, noise, n_total, qr_every, accumulate, n_blocks, rec
     done = 0
     while done < n_total:
         n = min(seg, n_total - done)
-        xi = noise.take(n)
-        status, fail_at, hist_count = run_segment(
-            system._advance, ortho, system._kernel_params, x, Q, xi, n, done, n_total, qr_every, accumulate,
-            state["sums"], state["block_sums"], state["block_steps"], n_blocks,
-            record_every if accumulate else 0, state["hist"], state["hist_steps"], hist_count,
-            x_buf, V_buf, work, wv, rdiag, state["rank_stats"])
+        xi = call_user("noise", noise.take, n, where=system.name)
+        try:
+            status, fail_at, hist_count = run_segment(
+                system._advance, ortho, system._kernel_params, x, Q, xi, n, done, n_total, qr_every, accumulate,
+                state["sums"], state["block_sums"], state["block_steps"], n_blocks,
+                record_every if accumulate else 0, state["hist"], state["hist_steps"], hist_count,
+                x_buf, V_buf, work, wv, rdiag, state["rank_stats"])
+        except Exception as err:  # a user step or jacobian raised inside the compiled loop
+            raise UserFunctionError("step/jacobian", err,
+                                    where=f"{system.name}, within steps {done}..{done + n - 1} of the phase") from err
         end = done + n
         state["n_qr"] = state.get("n_qr", 0) + (end // qr_every - done // qr_every) + \
             (1 if end == n_total and n_total % qr_every else 0)
@@ -508,9 +520,9 @@ def _run_python(system, x, Q, noise, n_total, qr_every, accumulate, n_blocks, re
     sums, bsums, bsteps = state["sums"], state["block_sums"], state["block_steps"]
     hist, hist_steps = state["hist"], state["hist_steps"]
     for g in range(n_total):
-        xi = noise.take(1)[0]
-        V = np.asarray(system.tangent(x, xi, Q), dtype=np.float64)
-        x_new = np.asarray(system.step(x, xi), dtype=np.float64)
+        xi = call_user("noise", noise.take, 1, step=g, where=system.name)[0]
+        V = np.asarray(call_user("tangent", system.tangent, x, xi, Q, step=g, where=system.name), dtype=np.float64)
+        x_new = np.asarray(call_user("step", system.step, x, xi, step=g, where=system.name), dtype=np.float64)
         if not np.all(np.isfinite(x_new)):
             return STATE_NONFINITE, g, hist_count
         x[:] = x_new

@@ -42,6 +42,7 @@ import math
 import numpy as np
 
 from ._dimension import Dimension, weighted_kaplan_yorke
+from ._validate import check_choice, check_int, check_nonneg_float, check_positive_float
 
 __all__ = ["SharpnessResult", "pseudo_spectrum", "exact_sharpness_values", "silverman_bandwidth",
            "loss_sharpness_dimension", "SD_METHODS", "DEFAULTS"]
@@ -143,6 +144,18 @@ def check_options(options):
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; estimator options are {sorted(DEFAULTS)}")
+    # the values too, before any Hessian is computed (an eps < 0 would give log of a negative number)
+    for name, val in options.items():
+        if val is None:
+            continue
+        if name == "eps":
+            check_nonneg_float("eps", val)
+        elif name in ("bins", "grid", "n_quantiles"):
+            check_int(name, val, 1)
+        elif name == "bandwidth":
+            check_positive_float("bandwidth", val)
+        elif name == "bin_value":
+            check_choice("bin_value", val, ("mean", "center"))
 
 
 def log_contraction(alphas, lr, eps=0.0) -> np.ndarray:

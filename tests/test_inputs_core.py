@@ -1,5 +1,6 @@
 """Input hardening (issue 12): bad inputs to optim, losses, systems, ladder, plot get named errors."""
 
+import importlib
 import math
 import warnings
 
@@ -118,6 +119,6 @@ def test_user_function_error_chained():
     (lambda P: rdsim.plot.bifurcation([], np.empty((0, 3))), "params|orbits"),
 ])
 def test_plot_inputs(call, name):
-    import rdsim.plot  # noqa: F401
+    importlib.import_module("rdsim.plot")  # rdsim.plot is imported lazily
     with pytest.raises(ValueError, match=rf"^({name})"):
         call(None)

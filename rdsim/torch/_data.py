@@ -12,7 +12,44 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["as_pair"]
+__all__ = ["as_pair", "check_finite_data", "resolve_device"]
+
+
+def resolve_device(device, default=None, *, name: str = "device") -> torch.device:
+    """``device`` as a torch.device (None: ``default``), refusing one this torch cannot use.
+
+    ValueError naming ``name`` for a string torch does not parse ('tpu9'), for 'cuda' when torch
+    sees no CUDA device (instead of torch's AssertionError at first use), for an index past the
+    devices present, and for 'mps' where MPS is not available.
+    """
+    if device is None:
+        return torch.device("cpu") if default is None else torch.device(default)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name}: expected a torch device or a string such as 'cpu' or 'cuda', got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name}: not a torch device: {device!r} (expected e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: {str(device)!r} was asked for but torch sees no CUDA device "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"{name}: 'mps' was asked for but this torch has no MPS device")
+    return dev
+
+
+def check_finite_data(inputs, targets, where: str = "data") -> None:
+    """ValueError when floating inputs or targets hold NaN or inf (a NaN loss would follow silently)."""
+    for what, t in (("inputs", inputs), ("targets", targets)):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                raise ValueError(f"{where}: the {what} hold {int(bad.sum())} non-finite value(s) (NaN or inf)")
 
 
 def _stack(items, what):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
-from ._data import as_pair
+from ._data import as_pair, check_finite_data, resolve_device
 
 __all__ = ["HessianOperator", "LanczosResult", "SpectralDensity", "dense_hessian", "hessian_eigenvalues",
            "hutchinson_trace", "hutchpp_trace", "lanczos", "lanczos_lockstep", "slq"]
@@ -110,7 +110,7 @@ class HessianOperator:
             dtype = named[0][1].dtype
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype: expected a floating torch dtype, got {dtype!r}")
-        self.device = torch.device(named[0][1].device if device is None else device)
+        self.device = resolve_device(device, named[0][1].device)
         self.dtype = dtype
         self.chunk_size = None if chunk_size is None else _check_pos_int(chunk_size, "chunk_size")
         self.model, self.loss_fn = model, loss_fn
@@ -183,6 +183,7 @@ class HessianOperator:
                                  "same leading (sample) dimension")
             if X.shape[0] == 0:
                 raise ValueError(f"data: batch {i} is empty")
+            check_finite_data(X, y, f"data: batch {i}")
             out.append((X, y))
         return out
 
@@ -418,10 +419,7 @@ def _check_basis(basis_dtype, basis_device, reorth, *, allow_none: bool, where: 
                          "('ghost') copies. Use reorth='full' (the default), or basis_dtype=torch.float32 to halve "
                          "the basis memory")
     if basis_device is not None:
-        try:
-            basis_device = torch.device(basis_device)
-        except (TypeError, RuntimeError) as err:
-            raise ValueError(f"basis_device: not a torch device: {basis_device!r}") from err
+        basis_device = resolve_device(basis_device, name="basis_device")
     return dt, basis_device, reorth
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from .._dimension import Dimension, kaplan_yorke_dimension
 from .._lyapunov import LyapunovResult
+from .._validate import UserFunctionError
 from . import _update as _upd
 from ._functional import FlatModel, check_no_dropout
 from ._qr import cholqr_rows, householder_rows
@@ -368,11 +369,16 @@ class TrainingMonitor:
         t0 = time.perf_counter()
         self._check_step_count()
         xb, yb = self._batch(inputs, targets)
-        self.lr_history.append(self.lr)
-        if self.method == "tangent":
-            self._observe_tangent(xb, yb)
-        else:
-            self._observe_twin(xb, yb)
+        lr = self.lr
+        try:
+            if self.method == "tangent":
+                self._observe_tangent(xb, yb)
+            else:
+                self._observe_twin(xb, yb)
+        except Exception as err:  # the model's forward or loss_fn failed on this minibatch
+            raise UserFunctionError("model/loss_fn", err, step=self.n_steps,
+                                    where=f"observe(inputs {tuple(xb.shape)}, targets {tuple(yb.shape)})") from err
+        self.lr_history.append(lr)
         self.n_steps += 1
         self._monitor_time += time.perf_counter() - t0
         if self.every is not None and (self.n_steps - 1) % self.every == 0:
