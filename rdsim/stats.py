@@ -11,6 +11,10 @@ n0 = n(n-1)/2 and n1, n2 the pairs tied in x and in y; it equals ``scipy.stats.k
 hyperparameter axis i, psi_i is the average, over all combinations of values of the other
 hyperparameters, of the tau between the measure and the target over the runs that differ only
 in hyperparameter i; Psi is the mean of the psi_i.
+
+Point-cloud dimensions (of an attractor sampled by many particles): :func:`correlation_dimension`
+(Grassberger-Procaccia), :func:`information_dimension`, :func:`box_counting_dimension`, and :func:`control_clouds` of known
+dimension to show their finite-sample bias (see ``rdsim._cloud``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["kendall_tau", "granulated_kendall"]
+from ._cloud import (CloudDimension, box_counting_dimension, control_clouds, correlation_dimension,
+                     information_dimension)
+
+__all__ = ["CloudDimension", "box_counting_dimension", "control_clouds", "correlation_dimension", "granulated_kendall",
+           "information_dimension", "kendall_tau"]
 
 
 def kendall_tau(x, y) -> float:
