@@ -14,12 +14,13 @@ allocating; the QR engine (:mod:`rdsim._engine`) runs entirely inside numba on t
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, Callable
 
 import numba as nb
 import numpy as np
 
-from ._config import NOISE_CHUNK, NUMBA_OPTIONS
+from ._config import NOISE_CHUNK, NUMBA_OPTIONS, SMALL_DIM_MAX
 from ._linalg import matmul_into
 
 __all__ = ["AbstractSystem", "AbstractNumbaSystem", "Map", "Flow", "NoiseStream"]
@@ -221,9 +222,90 @@ def _call_inplace(fn, argname: str, *args):
         raise ValueError(f"{argname}: the in-place form writes outside out (shape {out.shape}): {err}") from None
 
 
-def _make_map_advance(step_j, jac_j, d, step_inplace, jac_inplace):
+#: Styles of a Map's user functions (see :class:`Map`).
+_RETURNING, _INPLACE, _TUPLE = "returning", "in place", "tuple"
+
+
+def _is_real_scalar(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _describe(v) -> str:
+    if isinstance(v, tuple):
+        return f"a tuple of length {len(v)}"
+    shape = getattr(v, "shape", None)
+    return f"{type(v).__name__}" + (f" of shape {shape}" if shape is not None else "")
+
+
+def _check_tuple_step(y, d: int):
+    """Validate the probe result of a tuple-style step: a flat tuple of d real numbers."""
+    if len(y) != d or not all(_is_real_scalar(v) for v in y):
+        what = f"a tuple of length {len(y)}" if len(y) != d else \
+            f"a tuple whose entries are {[_describe(v) if not _is_real_scalar(v) else type(v).__name__ for v in y]}"
+        raise ValueError(f"step: the tuple form must return a tuple of {d} floats (one per coordinate), "
+                         f"returned {what}")
+
+
+def _check_tuple_jac(J, d: int):
+    """Validate the probe result of a tuple-style jacobian: d rows, each a tuple of d real numbers."""
+    expected = f"a tuple of {d} rows, each a tuple of {d} floats ({d} x {d})"
+    if not all(isinstance(row, tuple) for row in J):
+        raise ValueError(f"jacobian: the tuple form must return {expected}, returned a flat tuple of length "
+                         f"{len(J)} (rows must be tuples)")
+    if len(J) != d:
+        raise ValueError(f"jacobian: the tuple form must return {expected}, returned a tuple of {len(J)} rows")
+    for i, row in enumerate(J):
+        if len(row) != d or not all(_is_real_scalar(v) for v in row):
+            what = f"has length {len(row)}" if len(row) != d else "has an entry that is not a real number"
+            raise ValueError(f"jacobian: the tuple form must return {expected}; row {i} {what}")
+
+
+@nb.njit(inline="always", **NUMBA_OPTIONS)
+def _unused(*args):  # stands in for the tuple helpers a map does not need
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _tuple_kernel(kind: str, d: int):
+    """Generated straight-line code with constant indices for a tuple-style Map of dimension d.
+
+    ``vec``: ``copy_vec(y, out)``, out[i] = y[i]; ``mat``: ``copy_mat(J, out)``, out[i, p] = J[i][p];
+    ``push``: ``push(J, V, out)``, out <- J @ V read straight from the tuple of rows, summed left
+    to right from 0.0 exactly like the array path (so all styles agree to the last bit).
+    Constant indices work for any tuple type (also mixed float/int entries, which numba types
+    as a heterogeneous ``Tuple`` that a loop index cannot address), and the tuple stays in
+    registers.
+    """
+    if kind == "vec":
+        lines = ["def fn(y, out):"] + [f"    out[{i}] = y[{i}]" for i in range(d)]
+    elif kind == "mat":
+        lines = ["def fn(J, out):"] + [f"    out[{i}, {p}] = J[{i}][{p}]" for i in range(d) for p in range(d)]
+    else:
+        lines = ["def fn(J, V, out):", "    for j in range(V.shape[1]):"]
+        for i in range(d):
+            lines += ["        s = 0.0"] + [f"        s += J[{i}][{p}] * V[{p}, j]" for p in range(d)]
+            lines.append(f"        out[{i}, j] = s")
+    namespace: dict = {}
+    exec(compile("\n".join(lines) + "\n", f"<rdsim tuple {kind} d={d}>", "exec"), namespace)
+    return nb.njit(inline="always", **NUMBA_OPTIONS)(namespace["fn"])
+
+
+def _make_map_advance(step_j, jac_j, d, step_style, jac_style):
     # inline="always": the engine inlines this kernel into its loop (numba IR inlining), so an
-    # in-place user map costs no call, allocation or reference count per step
+    # in-place or tuple user map costs no call, allocation or reference count per step.
+    # The style flags are closure constants: numba prunes the branches not taken.
+    step_inplace = step_style == _INPLACE
+    step_tuple = step_style == _TUPLE
+    jac_inplace = jac_style == _INPLACE
+    jac_tuple = jac_style == _TUPLE
+    # above SMALL_DIM_MAX the tangent push J @ V goes to BLAS: the loop below is O(d^2 k) scalar
+    # work with a strided inner loop (about 10x slower than dgemm at d = 500, k = d). Small d keep
+    # the loop, and with it their results to the last bit.
+    blas = d > SMALL_DIM_MAX
+    copy_vec = _tuple_kernel("vec", d) if step_tuple else _unused
+    copy_mat = _tuple_kernel("mat", d) if jac_tuple and blas else _unused
+    push = _tuple_kernel("push", d) if jac_tuple and not blas else _unused
+
     @nb.njit(inline="always", **NUMBA_OPTIONS)
     def advance(x, params, xi, V, x_out, V_out, work, wv):
         if jac_inplace:
@@ -232,21 +314,33 @@ def _make_map_advance(step_j, jac_j, d, step_inplace, jac_inplace):
                 for p in range(d):
                     J[i, p] = 0.0
             jac_j(x, params, xi, J)
+        elif jac_tuple:
+            Jt = jac_j(x, params, xi)
+            if blas:
+                J = wv  # every entry is overwritten
+                copy_mat(Jt, J)
         else:
             J = jac_j(x, params, xi)
         if step_inplace:
             step_j(x, params, xi, x_out)
+        elif step_tuple:
+            copy_vec(step_j(x, params, xi), x_out)
         else:
             y = step_j(x, params, xi)
             for i in range(d):
                 x_out[i] = y[i]
-        # V_out <- J @ V, d a compile-time constant (sums left to right, as matmul_into)
-        for j in range(V.shape[1]):
-            for i in range(d):
-                s = 0.0
-                for p in range(d):
-                    s += J[i, p] * V[p, j]
-                V_out[i, j] = s
+        if blas:
+            matmul_into(J, V, V_out)
+        elif jac_tuple:
+            push(Jt, V, V_out)
+        else:
+            # V_out <- J @ V, d a compile-time constant (sums left to right, as matmul_into)
+            for j in range(V.shape[1]):
+                for i in range(d):
+                    s = 0.0
+                    for p in range(d):
+                        s += J[i, p] * V[p, j]
+                    V_out[i, j] = s
 
     return advance
 
@@ -254,20 +348,28 @@ def _make_map_advance(step_j, jac_j, d, step_inplace, jac_inplace):
 class Map(AbstractNumbaSystem):
     """A (random) map x_{t+1} = step(x_t, params, xi_t) defined by plain numba-compilable functions.
 
-    Each function comes in one of two forms, told apart by its number of parameters:
+    Each function comes in one of three styles, told apart by its number of parameters and (for
+    3 parameters) by what the compiled function returns:
 
-    * returning (3 parameters): ``step(x, params, xi) -> x_next`` (shape (dim,)) and
-      ``jacobian(x, params, xi) -> (dim, dim)``;
-    * in place (4 parameters), the fast path: ``step(x, params, xi, out)`` writes x_next into
-      ``out`` (dim,), and ``jacobian(x, params, xi, out)`` writes the Jacobian into ``out``
-      (dim, dim), which is zero-filled on entry, so entries that are always zero can be left
-      alone. Nothing is returned; ``out`` never aliases ``x``. These allocate nothing per step,
-      and the engine inlines them into its loop: on a 2-d map a step costs about as much as a
-      hand-written numba loop (see ``benchmarks/bench_engine.py``), while a returning jacobian
-      pays one heap allocation per step (several for ``np.array`` of a nested *list*; build it
-      from tuples, ``np.array(((a, b), (c, d)))``, if you keep the returning form).
+    * returning arrays (3 parameters): ``step(x, params, xi) -> x_next`` (an array of shape (dim,))
+      and ``jacobian(x, params, xi) -> (dim, dim)`` array. The simplest to write and the slowest:
+      each call allocates (one heap array per step; several for ``np.array`` of a nested *list*),
+      about 0.1 of a hand-written numba loop on the 2-d Hénon map.
+    * returning tuples (3 parameters): ``step(x, params, xi) -> (y_0, ..., y_{dim-1})``, a tuple of
+      dim floats, and ``jacobian(x, params, xi) -> ((J_00, ..., J_0,dim-1), ..., (J_dim-1,0, ...))``,
+      a tuple of dim rows of dim floats. numba keeps tuples on the stack, so nothing is
+      allocated and the engine inlines the call: as fast as the in-place style (about 0.5-0.6
+      of the hand kernel, ``benchmarks/bench_engine.py``) and as easy to read as the returning
+      one. Meant for small dim (the copy is generated straight-line code of dim^2 lines).
+    * in place (4 parameters): ``step(x, params, xi, out)`` writes x_next into ``out`` (dim,), and
+      ``jacobian(x, params, xi, out)`` writes the Jacobian into ``out`` (dim, dim), which is
+      zero-filled on entry, so entries that are always zero can be left alone. Nothing is
+      returned; ``out`` never aliases ``x``. No allocation either, inlined into the engine's loop:
+      about 0.5-0.6 of the hand kernel; the style to use at larger dim.
 
-    The two forms can be mixed (e.g. an in-place jacobian with a returning step).
+    All styles give bitwise identical results (the tangent push sums J[i, p] V[p, j] in the same
+    order), and they can be mixed (e.g. a tuple step with an in-place jacobian). Above
+    dim = ``SMALL_DIM_MAX`` (48) the tangent push J @ V is a BLAS product.
 
     Args:
         step: ``step(x, params, xi) -> x_next`` or ``step(x, params, xi, out)`` (see above),
@@ -286,8 +388,10 @@ class Map(AbstractNumbaSystem):
 
     Raises:
         TypeError: a function numba cannot compile (with numba's message), params not a tuple.
-        ValueError: dim not a positive integer, functions returning the wrong shape, an in-place
-            function writing outside ``out`` or (step) leaving part of it unwritten.
+        ValueError: dim not a positive integer, functions returning the wrong shape (for the tuple
+            style: a step tuple whose length is not dim, a jacobian that is not dim rows of dim
+            floats), an in-place function writing outside ``out`` or (step) leaving part of it
+            unwritten.
 
     Example:
         >>> import numpy as np, rdsim
@@ -311,6 +415,15 @@ class Map(AbstractNumbaSystem):
         >>> res_ = rdsim.lyapunov_spectrum(henon_, [0.1, 0.1], 20_000, transient=1000)
         >>> bool(np.array_equal(res_.exponents, res.exponents))
         True
+
+        And returning tuples (as fast, no ``out``):
+
+        >>> def step_t(x, p, xi): return (1.0 - p[0] * x[0] ** 2 + x[1], p[1] * x[0])
+        >>> def jac_t(x, p, xi): return ((-2.0 * p[0] * x[0], 1.0), (p[1], 0.0))
+        >>> henon_t = rdsim.Map(step_t, jac_t, 2, params=(1.4, 0.3))
+        >>> res_t = rdsim.lyapunov_spectrum(henon_t, [0.1, 0.1], 20_000, transient=1000)
+        >>> bool(np.array_equal(res_t.exponents, res.exponents))
+        True
     """
 
     def __init__(self, step, jacobian, dim, *, params=(), noise=None, name=None, x0=None):
@@ -329,27 +442,37 @@ class Map(AbstractNumbaSystem):
         x = _probe_point(self.dim)
         xi = np.zeros(self.noise_dim) if self._noise is None else np.ascontiguousarray(
             self.sample_noise(np.random.default_rng(0), 1)[0])
-        self._step_inplace = _n_params(step) == 4
-        self._jac_inplace = _n_params(jacobian) == 4
-        if self._step_inplace:
+        self._step_style = _INPLACE if _n_params(step) == 4 else _RETURNING
+        self._jac_style = _INPLACE if _n_params(jacobian) == 4 else _RETURNING
+        if self._step_style == _INPLACE:
             out = np.full(self.dim, np.nan)
             _call_inplace(self._step_fn, "step", x, self.params, xi, out)
             if np.isnan(out).any():
                 raise ValueError(f"step: the in-place form step(x, params, xi, out) must write all {self.dim} "
                                  f"entries of out; entries {np.flatnonzero(np.isnan(out)).tolist()} were not written")
         else:
-            out = np.asarray(_call_compiled(self._step_fn, "step", x, self.params, xi))
+            out = _call_compiled(self._step_fn, "step", x, self.params, xi)
+            if isinstance(out, tuple):
+                _check_tuple_step(out, self.dim)
+                self._step_style = _TUPLE
+            out = np.asarray(out)
         if out.shape != (self.dim,):
             raise ValueError(f"step: must return an array of shape ({self.dim},), returned shape {out.shape}")
-        if self._jac_inplace:
+        if self._jac_style == _INPLACE:
             J = np.zeros((self.dim, self.dim))
             _call_inplace(self._jac_fn, "jacobian", x, self.params, xi, J)
         else:
-            J = np.asarray(_call_compiled(self._jac_fn, "jacobian", x, self.params, xi))
+            J = _call_compiled(self._jac_fn, "jacobian", x, self.params, xi)
+            if isinstance(J, tuple):
+                _check_tuple_jac(J, self.dim)
+                self._jac_style = _TUPLE
+            J = np.asarray(J)
         if J.shape != (self.dim, self.dim):
             raise ValueError(f"jacobian: must return an array of shape ({self.dim}, {self.dim}), returned shape {J.shape}")
-        self._advance = _make_map_advance(self._step_fn, self._jac_fn, self.dim, self._step_inplace,
-                                          self._jac_inplace)
+        self._step_inplace = self._step_style == _INPLACE
+        self._jac_inplace = self._jac_style == _INPLACE
+        self._advance = _make_map_advance(self._step_fn, self._jac_fn, self.dim, self._step_style,
+                                          self._jac_style)
         self._kernel_params = self.params
         self._n_wv = self.dim
         if x0 is not None:
@@ -370,7 +493,7 @@ class Map(AbstractNumbaSystem):
             J = np.zeros((self.dim, self.dim))
             self._jac_fn(x, self.params, xi, J)
             return J
-        return np.asarray(self._jac_fn(x, self.params, xi))
+        return np.asarray(self._jac_fn(x, self.params, xi), dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
