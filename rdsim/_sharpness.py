@@ -409,13 +409,18 @@ def check_flag(value, name) -> bool:
 
 
 def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_batches=32, seed=0,
-                             n_iter=None, baselines=True, rank_tol=RANK_TOL, **options) -> SharpnessResult:
+                             n_iter=None, baselines=True, rank_tol=RANK_TOL, weight_decay=0.0,
+                             **options) -> SharpnessResult:
     """The sharpness dimension of (S)GD on a toy loss (:mod:`rdsim.losses`) at the point x.
 
     The same estimators as :func:`rdsim.torch.sharpness_dimension`, with the minibatch Hessians
     H_B from the loss's analytic (numba) HVPs: "exact" uses eig(H_B) of ``n_batches`` random
     minibatches; "slq", "kde" and "ps" run one Lanczos (``n_iter`` steps, Rademacher start) per
     minibatch on the dense H_B and pool the Ritz values.
+
+    ``weight_decay`` (wd >= 0, SGD's coupled weight decay, the gradient plus wd x): the Jacobian is
+    I - lr (H_B + wd I), so every eigenvalue is shifted by wd before the formula (exact zeros of a
+    rank-deficient H_B become contracting). The eigenvalues kept in the result are those of H_B.
 
     Neutral directions: an eigenvalue with min(|alpha|, |alpha - 2/lr|) <= ``rank_tol * ||H_B||``
     (||H_B|| = max |eig(H_B)| of that minibatch) is treated as exactly neutral, z = 0, before the
@@ -461,6 +466,7 @@ def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_
     seed = check_seed(seed)
     baselines = check_flag(baselines, "baselines")
     rank_tol = check_rank_tol(rank_tol)
+    wd = check_nonneg_float("weight_decay", weight_decay)
     try:
         x = np.asarray(x, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as err:
@@ -494,12 +500,13 @@ def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_
         E = np.empty((len(batches), N))
         for i, idx in enumerate(batches):
             E[i] = np.linalg.eigvalsh(hess(idx))
-        lam, Z, (n_exp, n_neu, n_con) = exact_sharpness_values(E, lr, rank_tol)
+        lam, Z, (n_exp, n_neu, n_con) = exact_sharpness_values(E + wd, lr, rank_tol)
         value = weighted_kaplan_yorke(lam, argname="lambdas")
         trace = float(E.sum(axis=1).mean())
         return SharpnessResult(value=value, method=method, lambdas=lam, weights=np.ones(N), rds_sharpness=float(lam[0]),
                                lambda_max=lam_max, trace=trace, lr=lr, batch_size=bs, n_batches=len(batches),
-                               n_params=N, stderr=jackknife_sd(Z), eigenvalues=E, options={"rank_tol": rank_tol},
+                               n_params=N, stderr=jackknife_sd(Z), eigenvalues=E,
+                               options={"rank_tol": rank_tol, "weight_decay": wd},
                                n_expanding=n_exp, n_neutral=n_neu, n_contracting=n_con,
                                neutral_share=neutral_share(value, np.count_nonzero(lam == 0.0)))
     from .torch._hessian import SpectralDensity, lanczos  # noqa: PLC0415 (torch only when asked)
@@ -516,6 +523,7 @@ def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_
         wts[r, :res.ritz_weights.size] = res.ritz_weights / res.ritz_weights.sum()
     dens = SpectralDensity(nodes=nodes, weights=wts, n=N, n_hvp=0)
     a, w = dens.pooled()
+    a = a + wd
     vals, mult, opts = pseudo_spectrum(a, w, lr, method, **options)
     order = np.argsort(-vals, kind="stable")
     vals, mult = vals[order], mult[order]
@@ -524,6 +532,7 @@ def loss_sharpness_dimension(loss, x, *, lr, batch_size=None, method="exact", n_
     return SharpnessResult(value=value, method=method, lambdas=vals, weights=mult, rds_sharpness=float(vals[0]),
                            lambda_max=lam_max, trace=float(np.mean(traces)), lr=lr, batch_size=bs,
                            n_batches=len(batches), n_params=N, density=dens,
-                           options={**opts, "n_iter": m, "rank_tol": rank_tol, "neutral_tol": ntol},
+                           options={**opts, "n_iter": m, "rank_tol": rank_tol, "neutral_tol": ntol,
+                                    "weight_decay": wd},
                            n_expanding=n_exp, n_neutral=n_neu, n_contracting=n_con,
                            neutral_share=neutral_share(value, n_neu))

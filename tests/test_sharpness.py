@@ -453,3 +453,43 @@ def test_torch_sd_rejects_empty_mismatched_and_non_finite(mlp_problem):
     for method, kw in (("exact", {}), ("exact", dict(dense_max=8, structured=False)), ("slq", {})):
         with pytest.raises(ValueError, match="eigenvalues: .*non-finite"):
             sd(model, F.cross_entropy, (Xn, y), lr=1.0, batch_size=48, method=method, baselines=False, **kw)
+
+
+def test_weight_decay_shifts_the_jacobian_eigenvalues():
+    """weight_decay = wd: SD of H + wd I (oracle: the quadratic with the shifted diagonal); the exact
+    zeros become contracting (log(1 - lr wd) < 0), so the neutral count drops to 0."""
+    d = np.array([5.0, 1.0, 0.5, 0.0, 0.0, -0.2])
+    base = rdsim.loss_sharpness_dimension(rdsim.losses.quadratic(np.diag(d)), np.zeros(6), lr=0.5)
+    assert (base.n_expanding, base.n_neutral, base.n_contracting) == (2, 2, 2)
+    wd = 0.1
+    got = rdsim.loss_sharpness_dimension(rdsim.losses.quadratic(np.diag(d)), np.zeros(6), lr=0.5, weight_decay=wd)
+    ref = rdsim.loss_sharpness_dimension(rdsim.losses.quadratic(np.diag(d + wd)), np.zeros(6), lr=0.5)
+    np.testing.assert_allclose(got.lambdas, ref.lambdas, rtol=0, atol=1e-15)
+    assert float(got.value) == float(ref.value) and got.n_neutral == 0
+    np.testing.assert_allclose(got.eigenvalues, base.eigenvalues)  # the H_B eigenvalues are kept unshifted
+    assert got.options["weight_decay"] == wd
+    with pytest.raises(ValueError, match="weight_decay"):
+        rdsim.loss_sharpness_dimension(rdsim.losses.quadratic(np.diag(d)), np.zeros(6), lr=0.5, weight_decay=-1)
+
+
+def test_weight_decay_torch_matches_numba():
+    import torch
+
+    import rdsim.torch as rt
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((12, 5)), rng.standard_normal(12)
+    model = torch.nn.Linear(5, 1, bias=False).double()
+
+    def mse(out, t):
+        return 0.5 * ((out.squeeze(-1) - t) ** 2).mean()
+
+    x = model.weight.detach().numpy().ravel()
+    for wd in (0.0, 0.3):
+        t = rt.sharpness_dimension(model, mse, (torch.as_tensor(X), torch.as_tensor(y)), lr=0.4, batch_size=3,
+                                   n_batches=6, seed=2, weight_decay=wd)
+        n = rdsim.loss_sharpness_dimension(rdsim.losses.least_squares(X, y), x, lr=0.4, batch_size=3, n_batches=6,
+                                           seed=2, weight_decay=wd)
+        np.testing.assert_allclose(t.lambdas, n.lambdas, atol=1e-10)
+        assert abs(float(t.value) - float(n.value)) < 1e-9
+    assert t.n_neutral == 0 < n.n_contracting

@@ -15,6 +15,7 @@ from .._sharpness import (RANK_TOL, SharpnessResult, _minibatches, check_batch_s
                           check_method, check_n_iter, check_options, check_pos_int, check_rank_tol, check_seed,
                           exact_sharpness_values, jackknife_sd, neutral_share, pseudo_spectrum, slq_counts)
 from ._data import as_pair
+from .._validate import check_nonneg_float
 from ._hessian import HessianOperator, SpectralDensity, _check_basis, lanczos, lanczos_lockstep
 from ._structured import structured_eigenvalues
 
@@ -124,7 +125,7 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
                         dtype=None, chunk_size: int | None = 128, baselines: bool = True, eval_batch: int = 4096,
                         dense_max: int = DENSE_MAX, rank_tol: float = RANK_TOL, basis_bytes: float = 2e9,
                         reorth: str = "full", basis_dtype=None, basis_device=None, progress: bool = False,
-                        structured: bool = True, **options) -> SharpnessResult:
+                        structured: bool = True, weight_decay: float = 0.0, **options) -> SharpnessResult:
     """The sharpness dimension of SGD (learning rate ``lr``, minibatches of ``batch_size``) at a model's parameters.
 
     Methods (MATH.md §4; defaults in :data:`rdsim._sharpness.DEFAULTS`):
@@ -146,6 +147,11 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
       reorthogonalisation unless ``reorth="none"``), the Ritz values pooled with total mass N, then the histogram
       (``bins``), kernel density (``bandwidth``, ``grid``) or equal-mass quantile (``n_quantiles``)
       pseudo-spectrum of z = log(|1 - lr alpha| + eps) and the weighted formula.
+
+    ``weight_decay`` (wd >= 0, as torch.optim.SGD's ``weight_decay``: the gradient plus wd w): the
+    Jacobian of the step is I - lr (H_B + wd I), so the eigenvalues (or Ritz values) are shifted by
+    wd before the formula; the exact zeros of a rank-deficient H_B then contract (log(1 - lr wd))
+    instead of counting as neutral. ``eigenvalues`` and ``density`` stay those of H_B.
 
     Neutral directions: per minibatch, eigenvalues with min(|alpha|, |alpha - 2/lr|) <=
     ``rank_tol * ||H_B||`` get z = 0 exactly before the formula (rank-deficient minibatch Hessians
@@ -213,6 +219,7 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     eval_batch = check_pos_int(eval_batch, "eval_batch")
     dense_max = _check_nonneg_int(dense_max, "dense_max")
     rank_tol = check_rank_tol(rank_tol)
+    wd = check_nonneg_float("weight_decay", weight_decay)
     baselines = check_flag(baselines, "baselines")
     progress = check_flag(progress, "progress")
     structured = check_flag(structured, "structured")
@@ -266,10 +273,11 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
                 E[i] = minibatch_hessian_eigenvalues(op, dense_max=dense_max, rank_tol=rank_tol, seed=int(seeds[i]))
                 n_hvp += op.n_hvp
                 routes.append("dense" if N <= dense_max else "range finder")
-        lam, Z, (n_exp, n_neu, n_con) = exact_sharpness_values(E, lr, rank_tol)
+        lam, Z, (n_exp, n_neu, n_con) = exact_sharpness_values(E + wd, lr, rank_tol)
         value = weighted_kaplan_yorke(lam, argname="lambdas")
         trace = float(E.sum(axis=1).mean())
-        opts = {"dense_max": dense_max, "rank_tol": rank_tol, "route": routes[0] if len(set(routes)) == 1 else routes}
+        opts = {"dense_max": dense_max, "rank_tol": rank_tol, "weight_decay": wd,
+                "route": routes[0] if len(set(routes)) == 1 else routes}
         if ranks:
             opts["structured_rank"] = ranks
         extra = dict(weights=np.ones(N), stderr=jackknife_sd(Z), eigenvalues=E, options=opts,
@@ -314,6 +322,7 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
         if a.size == 0 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(w))):
             raise ValueError("eigenvalues: the Lanczos runs met a non-finite Hessian-vector product (NaN or inf in "
                              "the loss, its gradient or its curvature at these parameters)")
+        a = a + wd
         vals, mult, opts = pseudo_spectrum(a, w, lr, method, **options)
         order = np.argsort(-vals, kind="stable")
         vals, mult = vals[order], mult[order]
@@ -322,7 +331,8 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
         (n_exp, n_neu, n_con), ntol = slq_counts(a, w, lr, rank_tol, torch.finfo(full.dtype).eps)
         extra = dict(weights=mult, density=dens, options={**opts, "n_iter": m, "reorth": reorth,
                                                           "basis_dtype": str(basis_dtype).replace("torch.", ""),
-                                                          "rank_tol": rank_tol, "neutral_tol": ntol},
+                                                          "rank_tol": rank_tol, "neutral_tol": ntol,
+                                                          "weight_decay": wd},
                      n_expanding=n_exp, n_neutral=n_neu, n_contracting=n_con, neutral_share=neutral_share(value, n_neu))
     if baselines:
         before = full.n_hvp
