@@ -253,7 +253,8 @@ def run(out: Path, quick: bool, store, log) -> dict:
                      fmt="s", label="cloud information dimension D_1")
     axes[1].plot(xs, [variants[n]["d2"] for n in names], "^", label="cloud correlation dimension D_2")
     axes[1].plot(xs, [variants[n]["box"] for n in names], "x", label="cloud box counting")
-    axes[1].set_xticks(xs, [n.replace(", ", "\n") for n in names], fontsize=6)
+    axes[1].set_xticks(xs, [f"k=({variants[n]['k1']:g},{variants[n]['k2']:g})\n{variants[n]['noise']}\nη={variants[n]['eta']:g}"
+                            for n in names], fontsize=7)
     axes[1].set_ylabel("dimension")
     axes[1].legend(fontsize=7)
     axes[1].set_title("symmetry-broken variants: D_KY against the cloud's dimensions", fontsize=9)
