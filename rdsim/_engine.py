@@ -14,9 +14,14 @@ Speed on small systems: the loop is a closure over ``advance``, the QR kernel an
 ``inline="always"``) is inlined into the loop. The loop works on private copies of the state, the
 block, their buffers and the scratch, packed into one array with a fixed layout (copied back at
 the end of the segment); the noise row is copied into it too. For a user map written in the
-in-place style (see :class:`rdsim.Map`) the loop body has no reference counting, no allocation
-and no function call left: a 2-d map runs at about 0.6 of a hand-unrolled scalar numba kernel
-(``benchmarks/bench_engine.py``).
+in-place or the tuple-returning style (see :class:`rdsim.Map`) the loop body has no reference
+counting, no allocation and no function call left: a 2-d map runs at about 0.5-0.6 of a
+hand-unrolled scalar numba kernel (``benchmarks/bench_engine.py``).
+
+Speed on large systems: the QR kernel is chosen by the block size (``rdsim._linalg.qr_path``:
+MGS for thin blocks, LAPACK when d * k**2 > ``QR_MGS_MAX_WORK``) and a Map's tangent push is a
+BLAS product above ``SMALL_DIM_MAX``, so a full spectrum at d = 500 costs about what the naive
+numpy loop does (J @ Q, np.linalg.qr), not 20x more.
 """
 
 from __future__ import annotations

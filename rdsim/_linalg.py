@@ -5,7 +5,8 @@ Small blocks get QR kernels specialised on their sizes (:func:`make_orthonormali
 code, so a 2 x 2 Gram-Schmidt is a dozen register operations); up to ``SMALL_DIM_MAX`` rows the
 sizes are closure constants, so LLVM unrolls the short loops. Every variant runs the same modified
 Gram-Schmidt with the same operation order, so they agree to the last bit. Larger blocks use the
-generic kernels (LAPACK above ``QR_MGS_MAX_DIM``).
+generic kernels. Which QR a block gets is :func:`qr_path` (d, k): MGS for thin blocks, LAPACK when
+d * k**2 exceeds ``QR_MGS_MAX_WORK``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 import numba as nb
 import numpy as np
 
-from ._config import NUMBA_OPTIONS, QR_MGS_MAX_DIM, SMALL_DIM_MAX
+from ._config import NUMBA_OPTIONS, QR_MGS_MAX_WORK, SMALL_DIM_MAX
 
 #: Re-orthogonalise a column once when Gram-Schmidt left less than this fraction of its squared
 #: norm (Kahan/Parlett "twice is enough": ||after|| < ||before|| / sqrt(2)); the block is then
@@ -28,11 +29,11 @@ SCALAR_QR_MAX_SIZE: int = 16
 
 @nb.njit(**NUMBA_OPTIONS)
 def matmul_into(A, B, out):
-    """out <- A @ B for A (d, n), B (n, k). Small sizes use loops; large ones BLAS."""
+    """out <- A @ B for A (d, n), B (n, k). Small sizes use loops; large ones BLAS (dgemm into out)."""
     d, n = A.shape
     k = B.shape[1]
     if d > SMALL_DIM_MAX or n > SMALL_DIM_MAX:
-        out[:, :] = np.dot(np.ascontiguousarray(A), np.ascontiguousarray(B))
+        np.dot(np.ascontiguousarray(A), np.ascontiguousarray(B), out)
         return
     for i in range(d):
         for j in range(k):
@@ -95,14 +96,21 @@ _mgs_inline = nb.njit(inline="always", **NUMBA_OPTIONS)(_mgs_source())
 def orthonormalize(M, rdiag):
     """Thin QR of M (d, k) in place: M <- Q, rdiag <- |diag R|.
 
-    Blocks with d <= QR_MGS_MAX_DIM use modified Gram-Schmidt with conditional
-    re-orthogonalisation; larger ones LAPACK. A column that collapses to zero is left as zeros with rdiag 0 (the caller reports it).
+    Blocks with d * k**2 <= QR_MGS_MAX_WORK (see :func:`qr_path`) use modified Gram-Schmidt with
+    conditional re-orthogonalisation (a column that collapses to zero is left as zeros with
+    rdiag 0; the caller reports it); wider ones LAPACK.
     """
     d, k = M.shape
-    if d > QR_MGS_MAX_DIM:
+    if d * k * k > QR_MGS_MAX_WORK:
         _qr_lapack(M, rdiag)
     else:
         _mgs(M, rdiag, d, k)
+
+
+@nb.njit(**NUMBA_OPTIONS)
+def _orthonormalize_mgs(M, rdiag):
+    d, k = M.shape
+    _mgs(M, rdiag, d, k)
 
 
 def _scalar_mgs_source(d: int, k: int) -> str:
@@ -148,20 +156,38 @@ def _scalar_mgs_source(d: int, k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def qr_path(d: int, k: int) -> str:
+    """The QR the engine uses for a (d, k) tangent block: ``"scalar"``, ``"mgs"`` or ``"lapack"``.
+
+    ``"scalar"``: at most ``SCALAR_QR_MAX_SIZE`` entries, MGS in local scalars; ``"mgs"``: modified
+    Gram-Schmidt (sizes as constants up to ``SMALL_DIM_MAX`` rows); ``"lapack"``: geqrf/orgqr,
+    when d * k**2 > ``QR_MGS_MAX_WORK`` (measured crossover, see :mod:`rdsim._config`).
+    """
+    if d * k <= SCALAR_QR_MAX_SIZE:
+        return "scalar"
+    if d * k * k > QR_MGS_MAX_WORK:
+        return "lapack"
+    return "mgs"
+
+
 @functools.lru_cache(maxsize=None)
 def make_orthonormalize(d: int, k: int):
     """:func:`orthonormalize` specialised on the block size (d, k).
 
-    Blocks of at most ``SCALAR_QR_MAX_SIZE`` entries get generated straight-line code (the block
-    in local scalars); blocks with at most ``SMALL_DIM_MAX`` rows get the loop version with the
-    sizes as compile-time constants; larger ones the generic kernel. All give identical results.
+    The path is :func:`qr_path`. Blocks of at most ``SCALAR_QR_MAX_SIZE`` entries get generated
+    straight-line code (the block in local scalars); other MGS blocks with at most
+    ``SMALL_DIM_MAX`` rows get the loop version with the sizes as compile-time constants, larger
+    ones the generic MGS kernel (all MGS variants give identical results); wide blocks LAPACK.
     """
-    if d * k <= SCALAR_QR_MAX_SIZE:
+    path = qr_path(d, k)
+    if path == "lapack":
+        return _qr_lapack
+    if path == "scalar":
         namespace = {"np": np}
         exec(compile(_scalar_mgs_source(d, k), f"<rdsim orthonormalize {d}x{k}>", "exec"), namespace)
         return nb.njit(inline="always", **NUMBA_OPTIONS)(namespace["ortho"])
     if d > SMALL_DIM_MAX:
-        return orthonormalize
+        return _orthonormalize_mgs
     mgs = _mgs_inline
 
     @nb.njit(**NUMBA_OPTIONS)
