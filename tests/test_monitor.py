@@ -266,3 +266,24 @@ def test_dataset_and_loader_as_data():
     for data in (ds, loader, Pairs()):
         sd = rt.sharpness_dimension(net, F.mse_loss, data, lr=0.1, batch_size=4, n_batches=3, baselines=False)
         np.testing.assert_array_equal(sd.lambdas, sd_ref.lambdas)
+
+
+def test_step_logs_give_windowed_exponents():
+    """step_logs(): per-step log|R_ii|; their mean over all steps is lyapunov()'s exponents (sorted)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ce = torch.nn.functional.cross_entropy
+    mon = rdsim.torch.TrainingMonitor(model, ce, opt, k=3, qr_every=4)
+    for _ in range(18):
+        mon.observe(X, y)
+        opt.zero_grad()
+        ce(model(X), y).backward()
+        opt.step()
+    logs = mon.step_logs()
+    assert logs.shape == (18, 3) and np.all(logs[0] == 0) and np.any(logs[3] != 0)  # QR every 4th step
+    np.testing.assert_allclose(np.sort(logs.mean(axis=0))[::-1], mon.lyapunov().exponents, rtol=0, atol=1e-14)
+    twin = rdsim.torch.TrainingMonitor(model, ce, torch.optim.SGD(model.parameters(), lr=0.5), method="twin", k=1)
+    with pytest.raises(ValueError, match="step_logs"):
+        twin.step_logs()

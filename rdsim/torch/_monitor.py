@@ -628,6 +628,23 @@ class TrainingMonitor:
         return _result_from_logs(logs[transient:], n_blocks, name, self.seed, x_final, Q_final, self.dim,
                                  message=self.qr_note or "ok")
 
+    def step_logs(self) -> np.ndarray:
+        """(n_steps, k) float64: log|R_ii| of each observed step, in the tangent block's column order.
+
+        Zeros on steps without a QR (``qr_every > 1``; a pending factorisation is done first). The
+        finite-time exponents over steps a..b-1 are ``step_logs()[a:b].sum(0) / (b - a)``;
+        :meth:`lyapunov` is the same over all steps, sorted. Method "tangent" only.
+        """
+        if self.method != "tangent":
+            raise ValueError("step_logs: needs method='tangent' (the twin method has no per-step logs)")
+        if self._since_qr:
+            logd = self._qr(self._Q)
+            self._since_qr = 0
+            self._consolidate()
+            self._stacked[0][-1, :self.k] += logd
+        self._sync_qr_flags()
+        return self._all_rows()[:, :self.k].copy()
+
     def _twin_result(self, name, n_blocks):
         total, steps, logs = self._twin_estimate()
         x_final = self._fm.flat().to(torch.float64).cpu().numpy()
