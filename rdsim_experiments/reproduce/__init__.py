@@ -30,6 +30,7 @@ __all__ = ["EXPERIMENTS", "ExperimentExistsError", "Store", "list_experiments", 
 EXPERIMENTS = {
     "eos": "rdsim_experiments.reproduce.eos",
     "sd-generalization": "rdsim_experiments.reproduce.sd_generalization",
+    "sd-generalization-eos": "rdsim_experiments.reproduce.sd_generalization_eos",
     "grokking": "rdsim_experiments.reproduce.grokking",
     "dln": "rdsim_experiments.reproduce.dln",
     "fractal": "rdsim_experiments.reproduce.fractal",
