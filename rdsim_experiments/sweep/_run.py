@@ -59,8 +59,6 @@ def _dtype(name):
 
 def build_data(cfg: dict):
     """(train (X, y), test (X, y), info) for the config's data section (CPU tensors)."""
-    import torch
-
     import models
 
     d = cfg["data"]

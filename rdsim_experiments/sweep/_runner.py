@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._config import SweepConfig, SweepConfigError, load_config, parse_config
+from ._config import SweepConfig, load_config, parse_config
 from ._run import RESULT_NAME, run_id, run_one, store_files, to_json
 
 __all__ = ["run_sweep", "SweepResult", "SweepExistsError", "results_table", "correlation_table",
@@ -444,13 +444,6 @@ def run_sweep(config, out, *, resume: bool = False, executor: str = "local", wor
         raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
-    if cfg_obj.data["measure"]["sharpness_dimension"] is not None:
-        try:
-            from rdsim.torch import sharpness_dimension  # noqa: F401
-        except ImportError:
-            raise SweepConfigError("this rdsim has no rdsim.torch.sharpness_dimension yet; remove the "
-                                   "[measure.sharpness_dimension] table", "measure.sharpness_dimension",
-                                   _line(cfg_obj, ("measure", "sharpness_dimension")), cfg_obj.source) from None
     from rdsim._io import DirLock, ensure_writable_dir
 
     from ._run import check_before_runs
