@@ -534,9 +534,3 @@ def _sweep_locked(cfg_obj, out, resume, executor, workers, address, progress, ec
         last = (msg.strip().splitlines() or [""])[-1]
         echo(f"\nrun {rid} failed (see {out / 'runs' / rid / 'error.txt'}; --resume retries it): {last}")
     return SweepResult(out, rows, corr, n_run=len(todo), n_skipped=n_skipped, errors=errors)
-
-
-def _line(cfg: SweepConfig, path):
-    from ._config import find_line
-
-    return find_line(cfg.text, tuple(path))
