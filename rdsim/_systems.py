@@ -360,7 +360,9 @@ class Map(AbstractNumbaSystem):
       a tuple of dim rows of dim floats. numba keeps tuples on the stack, so nothing is
       allocated and the engine inlines the call: as fast as the in-place style (about 0.5-0.6
       of the hand kernel, ``benchmarks/bench_engine.py``) and as easy to read as the returning
-      one. Meant for small dim (the copy is generated straight-line code of dim^2 lines).
+      one. Meant for small dim: compile time grows fast with the tuple size (the user's nested
+      tuple and rdsim's generated copy of dim^2 lines; dim = 50 took about 5 minutes to
+      compile on a 2-core machine), so use the in-place style beyond a few dozen.
     * in place (4 parameters): ``step(x, params, xi, out)`` writes x_next into ``out`` (dim,), and
       ``jacobian(x, params, xi, out)`` writes the Jacobian into ``out`` (dim, dim), which is
       zero-filled on entry, so entries that are always zero can be left alone. Nothing is
