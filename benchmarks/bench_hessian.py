@@ -93,9 +93,8 @@ def train(model, X, y, steps, lr=1e-3, batch=128, seed=0):
 
 def digits28():
     """Digits (1,438 train images) upsampled 8x8 -> 28x28 (bilinear), flattened to 784 features."""
-    (X, y), _ = models.digits(0)
-    X28 = F.interpolate(X.reshape(-1, 1, 8, 8), size=(28, 28), mode="bilinear", align_corners=False)
-    return X28.reshape(-1, 784).contiguous(), y
+    (X, y), _ = models.digits(0, size=28)
+    return X.contiguous(), y
 
 
 # -- 1. top-10 eigenvalues ----------------------------------------------------------------------

@@ -198,7 +198,7 @@ def _permuted_split(n_total: int, n_train: int, seed: int):
     return perm[:n_train], perm[n_train:]
 
 
-def digits(seed: int = 0, test_fraction: float = 0.2, *, scale: str = "unit",
+def digits(seed: int = 0, test_fraction: float = 0.2, *, scale: str = "unit", size: int = 8,
            dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Split:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), split at random.
 
@@ -212,11 +212,15 @@ def digits(seed: int = 0, test_fraction: float = 0.2, *, scale: str = "unit",
         scale: ``"unit"`` (default): pixels / 16, in [0, 1]; ``"standard"``: each feature
             standardised with the train set's mean and standard deviation (constant features keep
             standard deviation 1); ``"none"``: raw integer intensities 0…16 as floats.
+        size: image side; 8 (default) keeps the originals, e.g. 28 upsamples them bilinearly
+            (``torch.nn.functional.interpolate``, after scaling) to size x size, flattened to
+            size² features, for networks shaped for MNIST (784 inputs). The upsampled data have
+            rank at most 64.
         dtype, device: of the inputs (labels are int64).
 
     Returns:
         :class:`Split`: train = (X (1438, 64), y (1438,)), test = (X (359, 64), y (359,)) for the
-        default fraction; info = {"n_classes": 10, "image_shape": (8, 8)}.
+        default fraction; info = {"n_classes": 10, "image_shape": (size, size)}.
 
     Raises:
         ImportError: if scikit-learn is not installed (``pip install scikit-learn``).
@@ -243,9 +247,18 @@ def digits(seed: int = 0, test_fraction: float = 0.2, *, scale: str = "unit",
         mu, sd = Xtr.mean(0), Xtr.std(0)
         sd[sd == 0] = 1.0
         Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size: expected a positive integer image side, got {size!r}")
+    if size != 8:
+        def up(A):
+            t = torch.as_tensor(A).reshape(-1, 1, 8, 8)
+            return torch.nn.functional.interpolate(t, size=(int(size), int(size)), mode="bilinear",
+                                                   align_corners=False).reshape(len(A), -1).numpy()
+
+        Xtr, Xte = up(Xtr), up(Xte)
     return Split((to_float(Xtr, dtype, device), to_long(y[tr], device)),
                  (to_float(Xte, dtype, device), to_long(y[te], device)),
-                 {"n_classes": 10, "image_shape": (8, 8)})
+                 {"n_classes": 10, "image_shape": (int(size), int(size))})
 
 
 # --- MNIST-1D ---------------------------------------------------------------------------------------

@@ -30,3 +30,11 @@ def test_sd_generalization_eos_quick(tmp_path):
     assert {"sd", "sd_minus_neutral", "lambda_max"} <= measures
     assert all(c["tau_lo"] <= c["tau"] + 1e-12 or math.isnan(c["tau"]) for c in s["correlations"])
     assert (tmp_path / "sd_generalization_eos.png").stat().st_size > 1000
+
+
+def test_sd_generalization_paper_size_quick(tmp_path):
+    s = run_experiment("sd-generalization-paper", tmp_path, quick=True, log=lambda *a, **k: None)
+    ok = [r for r in s["runs"] if r["status"] == "ok"]
+    assert len(ok) == 2 and all(r["n_params"] == 12_960 for r in ok)
+    assert all(0 <= r["sd"] <= 12_960 and r["rank_hb"] <= 12_960 for r in ok)
+    assert "12,960 parameters" in s["setup"]["model"]

@@ -31,6 +31,7 @@ EXPERIMENTS = {
     "eos": "rdsim_experiments.reproduce.eos",
     "sd-generalization": "rdsim_experiments.reproduce.sd_generalization",
     "sd-generalization-eos": "rdsim_experiments.reproduce.sd_generalization_eos",
+    "sd-generalization-paper": "rdsim_experiments.reproduce.sd_generalization_paper",
     "grokking": "rdsim_experiments.reproduce.grokking",
     "dln": "rdsim_experiments.reproduce.dln",
     "fractal": "rdsim_experiments.reproduce.fractal",

@@ -39,12 +39,12 @@ MEASURES = ("sd", "sd_fixed", "sd_minus_neutral", "sd_eps1e-6", "sd_eps1e-3", "s
 TARGETS = ("acc_gap", "loss_gap")
 
 
-def _data():
+def _data(size=8):
     import torch
 
     from models import digits
 
-    split = digits(seed=0, test_fraction=0.2, dtype=torch.float64)
+    split = digits(seed=0, test_fraction=0.2, size=size, dtype=torch.float64)
     return split.train, split.test
 
 
@@ -60,7 +60,7 @@ def _ky_eps(E, lr, eps):
     return float(weighted_kaplan_yorke(lam, argname="lambdas"))
 
 
-def _run(lr, bs, seed, epochs, quick):
+def _run(lr, bs, seed, epochs, quick, size=8):
     import torch
 
     from models import paper_mlp
@@ -69,11 +69,11 @@ def _run(lr, bs, seed, epochs, quick):
     from rdsim.torch import sharpness_dimension
 
     torch.set_num_threads(1)
-    (X, y), (Xt, yt) = _data()
+    (X, y), (Xt, yt) = _data(size)
     n = X.shape[0]
     bs = min(bs, n)
     ce = torch.nn.functional.cross_entropy
-    model = paper_mlp(64, 10, seed=seed, dtype=torch.float64)
+    model = paper_mlp(size * size, 10, seed=seed, dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     rng = np.random.default_rng(1000 + seed)
     t0 = time.perf_counter()
@@ -154,7 +154,9 @@ def _correlations(ok, n_boot, seed=0):
     return out
 
 
-def run(out: Path, quick: bool, store, log) -> dict:
+def run(out: Path, quick: bool, store, log, size: int = 8) -> dict:
+    """The experiment on digits of ``size`` x ``size`` pixels (8: the originals; 28: upsampled, the paper's
+    784-16-16-10 MLP with 12,960 parameters)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +173,7 @@ def run(out: Path, quick: bool, store, log) -> dict:
         for lr in lrs:
             for bs in batches:
                 row = store.get(f"run-lr{lr}-bs{bs}-seed{seed}", lambda lr=lr, bs=bs, seed=seed:
-                                _run(lr, bs, seed, epochs, quick))
+                                _run(lr, bs, seed, epochs, quick, size))
                 rows.append(row)
                 if row["status"] == "ok":
                     log(f"  seed {seed} lr={lr:<4g} b={row['batch_size']:<5d} lmax*lr/2 {row['eos_ratio']:5.2f}  train acc "
@@ -225,8 +227,9 @@ def run(out: Path, quick: bool, store, log) -> dict:
     plt.close(fig)
 
     by = {(c["measure"], c["target"]): c for c in corr}
-    summary = {"setup": {"model": "paper_mlp(64 -> 16 -> 16 -> 10, no bias, ReLU), 1,440 parameters",
-                         "data": "all 1,437 training digits (360 test)", "epochs": epochs, "lrs": list(lrs),
+    n_par = size * size * 16 + 16 * 16 + 160
+    summary = {"setup": {"model": f"paper_mlp({size * size} -> 16 -> 16 -> 10, no bias, ReLU), {n_par:,} parameters",
+                         "data": f"all 1,437 training digits (360 test), {size}x{size}", "epochs": epochs, "lrs": list(lrs),
                          "batch_sizes": list(batches), "seeds": list(seeds), "b_H_fixed": B_FIXED, "wd": WD},
                "runs": rows, "correlations": corr, "n_ok": len(ok), "n_at_eos": len(eos), "n_interpolating": len(interp),
                "figures": ["sd_generalization_eos.png"]}
