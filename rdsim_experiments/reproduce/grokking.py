@@ -112,12 +112,17 @@ def _measure(cfg, seed, params):
     r = sharpness_dimension(model, torch.nn.functional.cross_entropy, (X, y), lr=cfg["lr"], batch_size=n,
                             method="slq", n_batches=1, n_iter=cfg["n_iter"], seed=1)
     a, w = r.density.pooled()
-    vals, mult, _ = pseudo_spectrum(a + cfg["weight_decay"], w, cfg["lr"], "slq")
-    order = np.argsort(-vals, kind="stable")
-    sd_wd = float(weighted_kaplan_yorke(vals[order], mult[order], argname="lambdas"))
-    return {"sd": float(r.value), "sd_wd": sd_wd, "n_expanding": r.n_expanding, "n_neutral": r.n_neutral,
-            "n_contracting": r.n_contracting, "lambda_max": r.lambda_max, "trace": r.trace,
-            "rds_sharpness": r.rds_sharpness, "n_params": r.n_params}
+
+    def sd_of(shift, **opts):
+        vals, mult, _ = pseudo_spectrum(a + shift, w, cfg["lr"], "slq", **opts)
+        order = np.argsort(-vals, kind="stable")
+        return float(weighted_kaplan_yorke(vals[order], mult[order], argname="lambdas"))
+
+    # eps = 1e-6 (the default) swamps log|1 - eta alpha| when eta alpha << 1e-6: SD with eps = 0 too
+    return {"sd": float(r.value), "sd_eps0": sd_of(0.0, eps=0.0), "sd_wd": sd_of(cfg["weight_decay"]),
+            "n_expanding": r.n_expanding, "n_neutral": r.n_neutral, "n_contracting": r.n_contracting,
+            "lambda_max": r.lambda_max, "trace": r.trace, "rds_sharpness": r.rds_sharpness, "n_params": r.n_params,
+            "ritz_values": a.tolist(), "ritz_masses": w.tolist()}
 
 
 def _transition(rows):
@@ -140,7 +145,7 @@ def _changes(rows, t):
         return out
     i0, i1 = int(np.searchsorted(steps, t["test_0.1"])), int(np.searchsorted(steps, t["test_0.9"]))
     ib = int(np.searchsorted(steps, t["train_0.99"] or 0))
-    for key in ("sd", "sd_wd", "lambda_max", "trace", "lyap_1"):
+    for key in ("sd", "sd_eps0", "sd_wd", "lambda_max", "trace", "lyap_1"):
         v = np.array([r.get(key, math.nan) for r in rows], dtype=float)
         if not np.isfinite(v[i0]) or v[i0] == 0:
             continue
@@ -180,10 +185,10 @@ def run(out: Path, quick: bool, store, log) -> dict:
             m = store.get(f"ckpt_seed={seed}_step={c['step']}", lambda i=i, seed=seed: _measure(cfg, seed, params[i]))
             win = tr["lyapunov_windows"][i - 1] if i > 0 else None
             lyap = {f"lyap_{j + 1}": float(v) for j, v in enumerate(win)} if win else {}
-            rows.append({"seed": seed, **c, **m, **lyap})
+            rows.append({"seed": seed, **c, **{k: v for k, v in m.items() if not k.startswith("ritz_")}, **lyap})
             if i % max(1, len(tr["curve"]) // 10) == 0 or i == len(tr["curve"]) - 1:
                 log(f"  step {c['step']:6d}  train acc {c['train_acc']:.3f}  test acc {c['test_acc']:.3f}  "
-                    f"SD {m['sd']:9.1f} (wd {m['sd_wd']:9.1f})  lambda_max {m['lambda_max']:8.3f}  tr {m['trace']:9.2f}")
+                    f"SD {m['sd']:9.1f} (eps 0: {m['sd_eps0']:9.1f}, wd {m['sd_wd']:7.1f})  lambda_max {m['lambda_max']:8.3f}  tr {m['trace']:9.2f}")
         t = _transition(rows)
         per_seed[seed] = {"rows": rows, "transition": t, "changes": _changes(rows, t), "lyapunov": tr["lyapunov"],
                           "lyapunov_stderr": tr["lyapunov_stderr"], "train_seconds": tr["train_seconds"]}
@@ -198,7 +203,7 @@ def run(out: Path, quick: bool, store, log) -> dict:
         axes[0].plot(steps, [r["train_acc"] for r in s["rows"]], c, ls=":", lw=1)
         axes[0].plot(steps, [r["test_acc"] for r in s["rows"]], c, label=f"seed {seed} (dotted: train)")
         axes[1].plot(steps, [r["sd"] for r in s["rows"]], c, marker=".", ms=3)
-        axes[1].plot(steps, [r["sd_wd"] for r in s["rows"]], c, ls="--", lw=1)
+        axes[1].plot(steps, [r["sd_eps0"] for r in s["rows"]], c, ls="--", lw=1)
         axes[2].plot(steps, [r["lambda_max"] for r in s["rows"]], c)
         axes[3].plot(steps, [r["trace"] for r in s["rows"]], c)
         axes[4].plot(steps[1:], [r.get("lyap_1", np.nan) for r in s["rows"][1:]], c)
@@ -207,7 +212,7 @@ def run(out: Path, quick: bool, store, log) -> dict:
                 ax.axvline(s["transition"]["test_0.5"], color=c, ls="--", lw=0.7)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7)
-    axes[1].set_ylabel("SD (SLQ)\n(dashed: with wd)")
+    axes[1].set_ylabel("SD (SLQ)\n(dashed: eps = 0)")
     axes[2].set_ylabel("λ_max(H)")
     axes[3].set_ylabel("tr H")
     axes[4].set_ylabel("AdamW λ₁\n(per window)")
@@ -235,7 +240,7 @@ def run(out: Path, quick: bool, store, log) -> dict:
     sd_drops = [s["changes"]["sd"]["across_transition"] for s in grokked if "sd" in s["changes"]]
     sharp = [s["changes"]["sd"]["steepest_drop_in_transition"] for s in grokked if "sd" in s["changes"]]
     others = {k: [s["changes"][k]["across_transition"] for s in grokked if k in s["changes"]]
-              for k in ("lambda_max", "trace", "sd_wd")}
+              for k in ("lambda_max", "trace", "sd_wd", "sd_eps0")}
     summary["sd_change_across_transition"] = sd_drops
     summary["other_changes_across_transition"] = others
     if sd_drops and all(d < -0.1 for d in sd_drops) and all(sharp) and \
