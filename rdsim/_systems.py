@@ -22,6 +22,7 @@ import numpy as np
 
 from ._config import NOISE_CHUNK, NUMBA_OPTIONS, SMALL_DIM_MAX
 from ._linalg import matmul_into
+from ._validate import UserFunctionError
 
 __all__ = ["AbstractSystem", "AbstractNumbaSystem", "Map", "Flow", "NoiseStream"]
 
@@ -162,6 +163,10 @@ def _call_compiled(fn, argname: str, *args):
     except nb.core.errors.NumbaError as err:
         msg = str(err).strip()
         raise TypeError(f"{argname}: numba cannot compile this function:\n{msg}") from None
+    except IndexError:  # the bounds-checked probe of an in-place function (see _call_inplace)
+        raise
+    except Exception as err:  # the user's function itself raised on the probe point
+        raise UserFunctionError(argname, err, where="the probe call at construction") from err
 
 
 def _check_params(params):
@@ -454,6 +459,9 @@ class Map(AbstractNumbaSystem):
                                  f"entries of out; entries {np.flatnonzero(np.isnan(out)).tolist()} were not written")
         else:
             out = _call_compiled(self._step_fn, "step", x, self.params, xi)
+            if not isinstance(out, (tuple, np.ndarray)):
+                raise TypeError(f"step: must return a numpy array or a tuple of {self.dim} floats, "
+                                f"returned {type(out).__name__}")
             if isinstance(out, tuple):
                 _check_tuple_step(out, self.dim)
                 self._step_style = _TUPLE
@@ -465,6 +473,9 @@ class Map(AbstractNumbaSystem):
             _call_inplace(self._jac_fn, "jacobian", x, self.params, xi, J)
         else:
             J = _call_compiled(self._jac_fn, "jacobian", x, self.params, xi)
+            if not isinstance(J, (tuple, np.ndarray)):
+                raise TypeError(f"jacobian: must return a numpy array or a tuple of {self.dim} rows, "
+                                f"returned {type(J).__name__}")
             if isinstance(J, tuple):
                 _check_tuple_jac(J, self.dim)
                 self._jac_style = _TUPLE

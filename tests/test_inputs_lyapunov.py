@@ -87,3 +87,30 @@ def test_user_noise_failing():
     with pytest.raises(UserFunctionError, match="noise") as info:
         rdsim.lyapunov_spectrum(m, [0.0], 10)
     assert isinstance(info.value.__cause__, Bad)
+
+
+def test_map_refuses_bad_user_functions_at_construction():
+    """A step numba cannot compile, one returning a non-array, one raising on the probe point."""
+    import collections
+
+    def jac(x, p, xi):
+        return np.eye(1)
+
+    def uncompilable(x, p, xi):
+        return np.array([collections.Counter([1])[1] * x[0]])
+
+    def returns_dict(x, p, xi):
+        return {"a": x}
+
+    def raises(x, p, xi):
+        raise ValueError("no such state")
+
+    with pytest.raises(TypeError, match="step: numba cannot compile"):
+        rdsim.Map(uncompilable, jac, 1)
+    with pytest.raises(TypeError, match="step: must return a numpy array or a tuple"):
+        rdsim.Map(returns_dict, jac, 1)
+    with pytest.raises(UserFunctionError, match="step.*probe call") as info:
+        rdsim.Map(raises, jac, 1)
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(TypeError, match="jacobian: must return"):
+        rdsim.Map(lambda x, p, xi: x.copy(), lambda x, p, xi: {"J": x}, 1)
