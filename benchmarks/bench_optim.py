@@ -69,7 +69,7 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32)):
 
     plain()
     print(f"(a) SGD on an MLP 64-128-128-10 (tanh), {n_params:,} parameters, batch {b}, float32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; QR: CholeskyQR2 in float64")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; QR: Cholesky QR (float64 Gram and factor)")
     print("    lyapunov_spectrum per step / plain torch.optim.SGD step, measured side by side (the plain step")
     print("    is re-timed next to each row); 'marginal' = from two run lengths (no set-up), 'e2e' = end to end")
     hdr = f"    {'k':>3s} {'plain ms':>9s} {'eager ms':>9s} {'eager x':>8s} {'e2e x':>6s}"

@@ -140,3 +140,41 @@ def test_finite_but_unusual_inputs_give_results():
     assert np.isfinite(res.value)
     e = rt.hessian_eigenvalues(net(), mse, (X.float(), torch.round(Y)), k=2)
     assert np.all(np.isfinite(np.asarray(e)))
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda: rt.OptimizerMap(net(), mse, (X, Y), rdsim.optim.gd(0.1), device="tpu9"), ValueError, "device"),
+    (lambda: rt.OptimizerMap(net(), mse, (NAN_X, Y), rdsim.optim.gd(0.1)), ValueError, "data"),
+    (lambda: rt.OptimizerMap(net(), boom, (X, Y), rdsim.optim.gd(0.1)), ValueError, "loss_fn"),
+    (lambda: rt.OptimizerMap(net(), mse, (X[:, :2], Y), rdsim.optim.gd(0.1)), ValueError, "data"),
+], ids=["bogus device", "NaN data", "loss raises", "wrong width"])
+def test_optimizer_map_construction_named(call, error, name):
+    with pytest.raises(error) as info:
+        call()
+    assert name in str(info.value) and info.value.__cause__ is not None or name in ("device", "data")
+
+
+def test_torch_loop_reports_rank_loss():
+    """The device loop records the block's conditioning like the numba loop: a QR every 12 steps of
+    least squares with |1 - eta alpha| = 0.01 and 1 (a log gap of ~4.6 per step, ~55 per QR) is
+    status "rank_lost"; a QR every step is fine and exact."""
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    U, _ = torch.linalg.qr(torch.randn(40, 2, generator=g, dtype=DT))
+    Xs = U @ torch.diag(torch.tensor([1.0, 1e-3], dtype=DT).sqrt() * 40 ** 0.5)  # X^T X / n = diag(1, 1e-3)
+    ys = torch.randn(40, generator=g, dtype=DT)
+    model = nn.Linear(2, 1, bias=False).to(DT)
+
+    def half_mse(out, t):
+        return 0.5 * ((out.squeeze(-1) - t) ** 2).mean()
+
+    m = rt.OptimizerMap(model, half_mse, (Xs, ys), rdsim.optim.gd(0.99))
+    ok = rdsim.lyapunov_spectrum(m, None, 60, qr_every=1)
+    assert ok.status == "ok"
+    # the sum rule is exact at any length (the individual exponents carry a ~1/T start-block bias)
+    assert abs(ok.exponents.sum() - (np.log(1 - 0.99e-3) + np.log(0.01))) < 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lost = rdsim.lyapunov_spectrum(m, None, 60, qr_every=12)
+    assert lost.status == "rank_lost" and "qr_every" in lost.message

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, jvp, vmap
+from ._data import resolve_device
 
 __all__ = ["FlatModel", "dropout_modules", "check_no_dropout"]
 
@@ -68,13 +69,7 @@ class FlatModel:
             dtype = next((p.dtype for _, p in named if p.is_floating_point()), torch.get_default_dtype())
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype: expected a floating torch dtype, got {dtype!r}")
-        if device is None:
-            device = named[0][1].device
-        else:
-            device = torch.device(device)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device "
-                                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+        device = resolve_device(device, named[0][1].device)
         self.device, self.dtype = torch.device(device), dtype
         self.model, self.loss_fn = model, loss_fn
         self.named_params = named

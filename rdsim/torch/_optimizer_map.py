@@ -10,6 +10,7 @@ with ``torch.func.vmap``. The QR loop of :func:`rdsim.lyapunov_spectrum` runs on
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Callable
 
@@ -22,7 +23,7 @@ from .._engine import OK, STATE_NONFINITE, TANGENT_NONFINITE
 from .._systems import AbstractSystem
 from ..optim import OptimizerSpec, noise_sampler
 from . import _update as _upd
-from ._data import as_pair
+from ._data import as_pair, check_finite_data
 from ._functional import FlatModel, check_no_dropout
 from ._hessian import lanczos
 from ._qr import cholqr_rows, householder_rows
@@ -209,6 +210,7 @@ class OptimizerMap(AbstractSystem):
         self.n_samples = n = int(inputs.shape[0])
         if n == 0:
             raise ValueError("data: no samples")
+        check_finite_data(inputs, targets)
         optimizer.check_data_size(n)
         self.inputs, self.targets = inputs, targets
 
@@ -324,16 +326,16 @@ class OptimizerMap(AbstractSystem):
         try:
             with torch.no_grad():
                 out = functional_call(self.model, (self._params(self._x_model), self._consts), (xb,))
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        except Exception as err:  # noqa: BLE001 - the user's model failed on the data
             raise ValueError(f"data: the model cannot be applied to inputs of shape {shape} "
-                             f"(dtype {self.inputs.dtype}): {err}") from err
+                             f"(dtype {self.inputs.dtype}): {type(err).__name__}: {err}") from err
         try:
             with torch.no_grad():
                 loss = self.loss_fn(out, yb)
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        except Exception as err:  # noqa: BLE001 - the user's loss failed
             out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"loss_fn: failed on model outputs of shape {out_shape} and targets of shape "
-                             f"{tuple(yb.shape)}: {err}") from err
+                             f"{tuple(yb.shape)}: {type(err).__name__}: {err}") from err
         if not isinstance(loss, torch.Tensor):
             raise ValueError(f"loss_fn: must return a scalar tensor (the mean loss), returned {type(loss).__name__}")
         if loss.numel() != 1 or loss.ndim != 0:
@@ -593,7 +595,8 @@ class OptimizerMap(AbstractSystem):
             sums=torch.as_tensor(state["sums"]).to(dev).clone(),
             bsums=torch.as_tensor(state["block_sums"]).to(dev).clone(),
             bsteps=np.array(state["block_steps"], dtype=np.float64),
-            hist_steps=np.array(state["hist_steps"]), hist_count=hist_count)
+            hist_steps=np.array(state["hist_steps"]), hist_count=hist_count,
+            worst=torch.zeros((), dtype=f64, device=dev))
         hist_dev = torch.zeros((state["hist"].shape[0], ls.Q.shape[0]), dtype=f64, device=dev)
         hist0 = hist_count
         householder = self.qr == "householder"
@@ -628,6 +631,9 @@ class OptimizerMap(AbstractSystem):
         state["block_steps"][:] = ls.bsteps
         state["hist_steps"][:] = ls.hist_steps
         state["n_qr"] = state.get("n_qr", 0) + ls.n_qr
+        rs = state.get("rank_stats")
+        if rs is not None and status == OK:
+            rs[0] = min(float(rs[0]), math.exp(float(ls.worst)))
         hist_count = ls.hist_count
         if hist_count > hist0:
             state["hist"][hist0:hist_count] = hist_dev[hist0:hist_count].cpu().numpy()
@@ -680,6 +686,9 @@ class OptimizerMap(AbstractSystem):
                     return TANGENT_NONFINITE, g
                 ls.Q = Qn
                 ls.n_qr += 1
+                # the block's conditioning, as the numba loop records it (no host synchronisation)
+                gap = logd.min() - logd.max()
+                ls.worst = torch.minimum(ls.worst, torch.nan_to_num(gap, nan=0.0))
                 if accumulate:
                     b = (g * n_blocks) // n_total
                     ls.sums += logd
@@ -719,6 +728,7 @@ class _LoopState:
     hist_count: int
     since_qr: int = 0
     n_qr: int = 0
+    worst: torch.Tensor | None = None  # min over QRs of log(min|R_ii| / max|R_ii|), float64
 
     def copy(self) -> "_LoopState":
         # z and Q are replaced, never written in place; the accumulators are written in place
