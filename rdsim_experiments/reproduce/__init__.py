@@ -36,6 +36,7 @@ EXPERIMENTS = {
     "dln": "rdsim_experiments.reproduce.dln",
     "fractal": "rdsim_experiments.reproduce.fractal",
     "ladder": "rdsim_experiments.reproduce.ladder",
+    "lyapunov-vs-sd": "rdsim_experiments.reproduce.lyapunov_vs_sd",
 }
 
 
