@@ -451,7 +451,7 @@ def test_torch_sd_rejects_empty_mismatched_and_non_finite(mlp_problem):
     Xn = X.clone()
     Xn[3, 2] = float("nan")
     for method, kw in (("exact", {}), ("exact", dict(dense_max=8, structured=False)), ("slq", {})):
-        with pytest.raises(ValueError, match="eigenvalues: .*non-finite"):
+        with pytest.raises(ValueError, match="non-finite"):
             sd(model, F.cross_entropy, (Xn, y), lr=1.0, batch_size=48, method=method, baselines=False, **kw)
 
 
