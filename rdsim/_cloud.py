@@ -85,6 +85,20 @@ def _points(points, name="points"):
     return P
 
 
+def _prepare(points, max_points, c_range, n_r, seed):
+    """Checked (points subsampled to max_points, rng, low, high, n_r) shared by the estimators."""
+    P = _points(points)
+    max_points = check_int("max_points", max_points, 10)
+    n_r = check_int("n_r", n_r, 4)
+    rng = np.random.default_rng(check_seed(seed))
+    lo, hi = (float(c) for c in c_range)
+    if not 0 < lo < hi <= 1:
+        raise ValueError(f"c_range: expected 0 < low < high <= 1, got {c_range!r}")
+    if P.shape[0] > max_points:
+        P = P[rng.choice(P.shape[0], max_points, replace=False)]
+    return P, rng, lo, hi, n_r
+
+
 def correlation_dimension(points, *, max_points: int = 20_000, c_range=(1e-4, 1e-2), n_r: int = 40,
                           seed: int = 0) -> CloudDimension:
     """Grassberger-Procaccia correlation dimension of a cloud (rows are points).
@@ -104,15 +118,7 @@ def correlation_dimension(points, *, max_points: int = 20_000, c_range=(1e-4, 1e
     """
     from scipy.spatial import cKDTree
 
-    P = _points(points)
-    max_points = check_int("max_points", max_points, 10)
-    n_r = check_int("n_r", n_r, 4)
-    rng = np.random.default_rng(check_seed(seed))
-    lo, hi = (float(c) for c in c_range)
-    if not 0 < lo < hi <= 1:
-        raise ValueError(f"c_range: expected 0 < low < high <= 1, got {c_range!r}")
-    if P.shape[0] > max_points:
-        P = P[rng.choice(P.shape[0], max_points, replace=False)]
+    P, rng, lo, hi, n_r = _prepare(points, max_points, c_range, n_r, seed)
     M = P.shape[0]
     # the range of distances from random pairs: r from the 1e-6 quantile region to the diameter
     i, j = rng.integers(0, M, size=(2, 20_000))
@@ -143,16 +149,8 @@ def information_dimension(points, *, n_centers: int = 2_000, max_points: int = 2
     """
     from scipy.spatial import cKDTree
 
-    P = _points(points)
     n_centers = check_int("n_centers", n_centers, 10)
-    max_points = check_int("max_points", max_points, 10)
-    n_r = check_int("n_r", n_r, 4)
-    rng = np.random.default_rng(check_seed(seed))
-    lo, hi = (float(c) for c in c_range)
-    if not 0 < lo < hi <= 1:
-        raise ValueError(f"c_range: expected 0 < low < high <= 1, got {c_range!r}")
-    if P.shape[0] > max_points:
-        P = P[rng.choice(P.shape[0], max_points, replace=False)]
+    P, rng, lo, hi, n_r = _prepare(points, max_points, c_range, n_r, seed)
     M = P.shape[0]
     ks = np.unique(np.clip(np.round(np.geomspace(lo, hi, n_r) * (M - 1)), 1, M - 1).astype(np.int64))
     if ks.size < 3:

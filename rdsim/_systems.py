@@ -169,6 +169,13 @@ def _call_compiled(fn, argname: str, *args):
         raise UserFunctionError(argname, err, where="the probe call at construction") from err
 
 
+def _returned(out, argname: str, tuple_form: str):
+    """``out`` if it is an array or a tuple (the returning styles), else a TypeError naming ``argname``."""
+    if not isinstance(out, (tuple, np.ndarray)):
+        raise TypeError(f"{argname}: must return a numpy array or {tuple_form}, returned {type(out).__name__}")
+    return out
+
+
 def _check_params(params):
     if not isinstance(params, tuple):
         raise TypeError(f"params: expected a tuple of floats and/or arrays, got {type(params).__name__}")
@@ -458,10 +465,8 @@ class Map(AbstractNumbaSystem):
                 raise ValueError(f"step: the in-place form step(x, params, xi, out) must write all {self.dim} "
                                  f"entries of out; entries {np.flatnonzero(np.isnan(out)).tolist()} were not written")
         else:
-            out = _call_compiled(self._step_fn, "step", x, self.params, xi)
-            if not isinstance(out, (tuple, np.ndarray)):
-                raise TypeError(f"step: must return a numpy array or a tuple of {self.dim} floats, "
-                                f"returned {type(out).__name__}")
+            out = _returned(_call_compiled(self._step_fn, "step", x, self.params, xi), "step",
+                            f"a tuple of {self.dim} floats")
             if isinstance(out, tuple):
                 _check_tuple_step(out, self.dim)
                 self._step_style = _TUPLE
@@ -472,10 +477,8 @@ class Map(AbstractNumbaSystem):
             J = np.zeros((self.dim, self.dim))
             _call_inplace(self._jac_fn, "jacobian", x, self.params, xi, J)
         else:
-            J = _call_compiled(self._jac_fn, "jacobian", x, self.params, xi)
-            if not isinstance(J, (tuple, np.ndarray)):
-                raise TypeError(f"jacobian: must return a numpy array or a tuple of {self.dim} rows, "
-                                f"returned {type(J).__name__}")
+            J = _returned(_call_compiled(self._jac_fn, "jacobian", x, self.params, xi), "jacobian",
+                          f"a tuple of {self.dim} rows")
             if isinstance(J, tuple):
                 _check_tuple_jac(J, self.dim)
                 self._jac_style = _TUPLE

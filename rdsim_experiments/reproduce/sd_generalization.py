@@ -60,13 +60,7 @@ def _train_and_measure(lr, bs, steps, quick):
     row = {"lr": lr, "batch_size": bs, "steps": steps, "status": status, "train_seconds": time.perf_counter() - t0}
     if status != "ok":
         return row
-    with torch.no_grad():
-        out, out_t = model(X), model(Xt)
-        row.update(train_loss=float(ce(out, y)), test_loss=float(ce(out_t, yt)),
-                   train_acc=float((out.argmax(1) == y).double().mean()),
-                   test_acc=float((out_t.argmax(1) == yt).double().mean()))
-    row["acc_gap"] = row["train_acc"] - row["test_acc"]
-    row["loss_gap"] = row["test_loss"] - row["train_loss"]
+    row.update(fit_metrics(model, ce, (X, y), (Xt, yt)))
     t1 = time.perf_counter()
     ex = sharpness_dimension(model, ce, (X, y), lr=lr, batch_size=bs, method="exact", n_batches=2 if quick else 8,
                              seed=1)
@@ -75,6 +69,22 @@ def _train_and_measure(lr, bs, steps, quick):
     row.update(sd=float(ex.value), sd_stderr=ex.stderr, sd_slq=float(slq.value), rds_sharpness=ex.rds_sharpness,
                lambda_max=ex.lambda_max, trace=ex.trace, n_params=ex.n_params, measure_seconds=time.perf_counter() - t1)
     return row
+
+
+def fit_metrics(model, loss_fn, train, test) -> dict:
+    """Train/test loss and accuracy of a classifier and the gaps (acc_gap = train - test accuracy,
+    loss_gap = test - train loss)."""
+    import torch
+
+    (X, y), (Xt, yt) = train, test
+    with torch.no_grad():
+        out, out_t = model(X), model(Xt)
+        m = {"train_loss": float(loss_fn(out, y)), "test_loss": float(loss_fn(out_t, yt)),
+             "train_acc": float((out.argmax(1) == y).double().mean()),
+             "test_acc": float((out_t.argmax(1) == yt).double().mean())}
+    m["acc_gap"] = m["train_acc"] - m["test_acc"]
+    m["loss_gap"] = m["test_loss"] - m["train_loss"]
+    return m
 
 
 def _attractor_check(lr, bs, quick):

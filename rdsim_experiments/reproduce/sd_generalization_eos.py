@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .sd_generalization import fit_metrics
+
 NAME = "sd-generalization-eos"
 TITLE = ("SD vs generalization at the edge of stability: paper's MLP on all digits, fixed epochs, 4x4 (lr x batch) "
          "grid x 3 seeds; SD's neutral/rank decomposition, eps and weight-decay variants, bootstrap intervals")
@@ -96,13 +98,7 @@ def _run(lr, bs, seed, epochs, quick, size=8):
            "train_seconds": time.perf_counter() - t0}
     if status != "ok":
         return row
-    with torch.no_grad():
-        out, out_t = model(X), model(Xt)
-        row.update(train_loss=float(ce(out, y)), test_loss=float(ce(out_t, yt)),
-                   train_acc=float((out.argmax(1) == y).double().mean()),
-                   test_acc=float((out_t.argmax(1) == yt).double().mean()))
-    row["acc_gap"] = row["train_acc"] - row["test_acc"]
-    row["loss_gap"] = row["test_loss"] - row["train_loss"]
+    row.update(fit_metrics(model, ce, (X, y), (Xt, yt)))
     t1 = time.perf_counter()
     nb = 1 if quick else 4
     own = sharpness_dimension(model, ce, (X, y), lr=lr, batch_size=bs, method="exact", n_batches=nb, seed=1)
