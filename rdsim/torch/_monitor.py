@@ -600,12 +600,7 @@ class TrainingMonitor:
         name = f"{type(self.optimizer).__name__} on {type(self.model).__name__} (monitor, {self.method})"
         if self.method == "twin":
             return self._twin_result(name, n_blocks)
-        if self._since_qr:  # factorise what is pending, so that every observed step counts
-            logd = self._qr(self._Q)
-            self._since_qr = 0
-            self._consolidate()
-            self._stacked[0][-1, :self.k] += logd
-        self._sync_qr_flags()
+        self._flush_pending()
         rows = self._all_rows()
         n = rows.shape[0]
         k = self.k
@@ -628,6 +623,15 @@ class TrainingMonitor:
         return _result_from_logs(logs[transient:], n_blocks, name, self.seed, x_final, Q_final, self.dim,
                                  message=self.qr_note or "ok")
 
+    def _flush_pending(self):
+        """Factorise a block pushed since the last QR (qr_every > 1), so every observed step counts."""
+        if self._since_qr:
+            logd = self._qr(self._Q)
+            self._since_qr = 0
+            self._consolidate()
+            self._stacked[0][-1, :self.k] += logd
+        self._sync_qr_flags()
+
     def step_logs(self) -> np.ndarray:
         """(n_steps, k) float64: log|R_ii| of each observed step, in the tangent block's column order.
 
@@ -637,12 +641,7 @@ class TrainingMonitor:
         """
         if self.method != "tangent":
             raise ValueError("step_logs: needs method='tangent' (the twin method has no per-step logs)")
-        if self._since_qr:
-            logd = self._qr(self._Q)
-            self._since_qr = 0
-            self._consolidate()
-            self._stacked[0][-1, :self.k] += logd
-        self._sync_qr_flags()
+        self._flush_pending()
         return self._all_rows()[:, :self.k].copy()
 
     def _twin_result(self, name, n_blocks):
