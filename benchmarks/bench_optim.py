@@ -6,6 +6,7 @@ Prints, in one run:
       to a plain torch.optim.SGD step timed beside it; per-step costs from two run lengths
       (marginal) and end to end;
   (b) batched tangents (one vmap over k) vs a Python loop over the tangents (chunk_size=1), k = 16;
+  (b2) the eager tangent push with reverse-over-reverse vs forward-over-reverse HVPs;
   (c) numba backend: steps/s of optimizer maps on a diagonal linear network with d = 60 parameters.
 """
 
@@ -115,7 +116,34 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32)):
         t_loop, _ = _marginal(lambda m: rdsim.lyapunov_spectrum(looped, None, m, k=k), 4, 16)
         print(f"(b) k = 16: batched {out[16]['eager'] * 1e3:.1f} ms/step, Python loop over tangents "
               f"{t_loop * 1e3:.1f} ms/step: batched is {t_loop / out[16]['eager']:.2f}x faster")
+    hvp_schemes(model, loss_fn, X, y, spec, ks)
     return out
+
+
+def hvp_schemes(model, loss_fn, X, y, spec, ks, repeats=5):
+    """(b2) one eager tangent push (the step's HVP block and update tangent), reverse-over-reverse vs
+    forward-over-reverse HVPs on the same map and minibatch, timed interleaved, best of ``repeats``."""
+    system = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
+    xb, yb = X[:spec.batch_size], y[:spec.batch_size]
+    z = system._state_tensor(system.x0)
+    print(f"(b2) eager tangent push, HVP scheme (the map uses {system.hvp_mode!r}): ms per push, interleaved")
+    print(f"    {'k':>3s} {'reverse':>9s} {'forward':>9s} {'fwd/rev':>8s} {'max |diff| / max |HV|':>22s}")
+    for k in ks:
+        V = torch.randn(k, system.tangent_dim, generator=torch.Generator().manual_seed(k))
+        push = {m: (lambda m=m: system._advance_eager(z, V, xb, yb, 1.0, m)) for m in ("reverse", "forward")}
+        best = {m: np.inf for m in push}
+        for m in push:
+            push[m]()
+        for _ in range(repeats):
+            for m, f in push.items():
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    f()
+                best[m] = min(best[m], (time.perf_counter() - t0) / 5)
+        a, b = push["reverse"]()[1], push["forward"]()[1]
+        err = float((a - b).abs().max() / a.abs().max())
+        print(f"    {k:3d} {best['reverse'] * 1e3:9.2f} {best['forward'] * 1e3:9.2f} "
+              f"{best['forward'] / best['reverse']:8.2f} {err:22.1e}")
 
 
 def numba_part():

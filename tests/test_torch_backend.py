@@ -580,8 +580,9 @@ def test_bad_inputs():
         rt.OptimizerMap(net, mse, (X, y), torch.optim.SGD)
     with pytest.raises(TypeError, match="data"):
         rt.OptimizerMap(net, mse, X, optim.gd(0.1))
-    with pytest.raises(ValueError, match="forward-mode"):  # huber_loss_backward has no forward-AD formula
-        rt.OptimizerMap(net, lambda out, t: F.huber_loss(out.squeeze(-1), t), (X, y), optim.gd(0.1))
+    # huber_loss_backward has no forward-AD formula: the map takes reverse-over-reverse HVPs
+    hub = rt.OptimizerMap(net, lambda out, t: F.huber_loss(out.squeeze(-1), t), (X, y), optim.gd(0.1))
+    assert hub.hvp_mode == "reverse"
     # F.mse_loss works (it fails under forward-over-reverse when the target has no tangent)
     s = rt.OptimizerMap(net, lambda out, t: 0.5 * F.mse_loss(out.squeeze(-1), t), (X, y), optim.sgd(0.1, 3))
     s2 = rt.OptimizerMap(net, mse, (X, y), optim.sgd(0.1, 3))
@@ -600,3 +601,69 @@ def test_import_does_not_load_torch_backend():
     assert rdsim.torch is rt and rt is not torch and hasattr(torch, "func")
     assert rt.OptimizerMap.backend == "torch" and "OptimizerMap" in rt.__all__
     assert all(getattr(rt, name).__module__.startswith("rdsim.") for name in rt.__all__)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """x**2 with a first derivative only: neither a double backward nor a forward-mode formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_hvp_schemes_agree_and_fall_back(monkeypatch):
+    """Reverse-over-reverse (default) and forward-over-reverse HVPs are the same products; a model
+    without a double backward falls back to forward-over-reverse; with neither, a named error."""
+    from rdsim.torch._functional import FlatModel
+
+    torch.manual_seed(0)
+    net = models.MLP(3, 2, width=5, depth=2, activation="tanh", seed=0).to(DT)
+    X, y = torch.randn(12, 3, dtype=DT), torch.randint(0, 2, (12,))
+    fm = FlatModel(net, F.cross_entropy)
+    x, V = fm.flat(), torch.randn(4, fm.n_params, dtype=DT)
+    g_r, hv_r, l_r = fm.grad_hvp(x, V, X, y, mode="reverse")
+    g_f, hv_f, l_f = fm.grad_hvp(x, V, X, y, mode="forward")
+    dense = torch.autograd.functional.hessian(lambda w: fm.loss(w, X, y), x)
+    torch.testing.assert_close(hv_r, V @ dense, rtol=0, atol=1e-13)
+    torch.testing.assert_close(hv_f, hv_r, rtol=0, atol=1e-13)
+    torch.testing.assert_close(g_f, g_r, rtol=0, atol=1e-15)
+    assert float(l_r) == float(l_f) and fm.hvp_mode == "reverse"
+    with pytest.raises(ValueError, match="mode"):
+        fm.grad_hvp(x, V, X, y, mode="sideways")
+
+    class Sq(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.lin, self.fn = nn.Linear(3, 1).to(DT), fn
+
+        def forward(self, xb):
+            return self.fn.apply(self.lin(xb))
+
+    Xr, yr = torch.randn(10, 3, dtype=DT), torch.randn(10, 1, dtype=DT)
+    with pytest.raises(ValueError, match="second derivatives.*reverse-over-reverse.*forward-over-reverse"):
+        rt.OptimizerMap(Sq(_NoSecondDerivative), mse2, (Xr, yr), optim.gd(0.1))
+
+    # an operation without a double backward (simulated): forward-over-reverse from then on, same tangents
+    net2 = models.MLP(3, 1, width=4, depth=1, activation="tanh", seed=1).to(DT)
+    ref = rt.OptimizerMap(net2, mse2, (Xr, yr), optim.sgd(0.1, 5))
+    import rdsim.torch._functional as fmod
+    real = fmod.grad_hvp_rows
+
+    def no_double_backward(loss, x, Vx, xb, yb, chunk_size=None, mode="reverse"):
+        if mode == "reverse":
+            raise RuntimeError("simulated: derivative for foo_backward is not implemented")
+        return real(loss, x, Vx, xb, yb, chunk_size, mode)
+
+    monkeypatch.setattr(fmod, "grad_hvp_rows", no_double_backward)
+    fwd = rt.OptimizerMap(net2, mse2, (Xr, yr), optim.sgd(0.1, 5))
+    assert fwd.hvp_mode == "forward" and ref.hvp_mode == "reverse"
+    xi = fwd.noise_sampler(np.random.default_rng(0))(1)[0]
+    Vt = np.random.default_rng(1).standard_normal((fwd.dim, 3))
+    np.testing.assert_allclose(fwd.tangent(fwd.x0, xi, Vt), ref.tangent(ref.x0, xi, Vt), atol=1e-14)

@@ -14,14 +14,15 @@ Dropout in train mode is refused by the callers (:func:`dropout_modules`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad_and_value, jvp, vjp, vmap
 from ._data import resolve_device
 
-__all__ = ["FlatModel", "dropout_modules", "check_no_dropout"]
+__all__ = ["FlatModel", "dropout_modules", "check_no_dropout", "grad_hvp_rows", "grad_hvp_auto", "HVP_MODES"]
 
 
 def dropout_modules(model: nn.Module):
@@ -122,28 +123,85 @@ class FlatModel:
         """(gradient of the batch loss at x, loss)."""
         return grad_and_value(self.loss)(x, xb, yb)
 
-    def grad_hvp(self, x, Vx, xb, yb, chunk_size: int | None = None):
-        """(g, H V, loss): the gradient at x and the loss Hessian applied to the rows of Vx (k, d).
+    #: the scheme :meth:`grad_hvp` uses when none is asked for (see :func:`grad_hvp_auto`)
+    hvp_mode = "reverse"
 
-        Batched forward-over-reverse products, ``vmap`` over ``jvp(grad)`` in chunks of
-        ``chunk_size`` rows. Floating targets enter the jvp as primals with explicit zero
-        tangents: losses such as ``F.mse_loss`` fail under forward-over-reverse when the target
-        has no tangent ("ZeroTensors are immutable"), and mixed dual/plain arithmetic is slower.
-        """
-        k = Vx.shape[0]
-        cs = chunk_size or k
-        dual_t = isinstance(yb, torch.Tensor) and yb.is_floating_point()
-        ty = torch.zeros_like(yb) if dual_t else None
-        gfn = grad_and_value(self.loss)
+    def grad_hvp(self, x, Vx, xb, yb, chunk_size: int | None = None, mode: str | None = None):
+        """(g, H V, loss): the gradient of the batch loss at x and its Hessian applied to the rows
+        of Vx (k, d), by :func:`grad_hvp_rows` (``mode`` given) or :func:`grad_hvp_auto` (None)."""
+        if mode is not None:
+            return grad_hvp_rows(self.loss, x, Vx, xb, yb, chunk_size, mode)
+        return grad_hvp_auto(self, self.loss, x, Vx, xb, yb, chunk_size)
 
-        def push(v):
-            if dual_t:
-                return jvp(lambda xx, yy: gfn(xx, xb, yy), (x, yb), (v, ty), has_aux=True)
-            return jvp(lambda xx: gfn(xx, xb, yb), (x,), (v,), has_aux=True)
 
-        outs = []
-        g = loss = None
+HVP_MODES = ("reverse", "forward")
+
+
+def grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size: int | None = None, mode: str = "reverse"):
+    """(g, H V, L): gradient and Hessian of ``loss(x, xb, yb)`` (a scalar) at x, H applied to the rows of Vx (k, d).
+
+    The one implementation of batched Hessian-vector products on the torch side
+    (:class:`FlatModel`, hence OptimizerMap and TrainingMonitor, and HessianOperator), in chunks
+    of ``chunk_size`` rows (default: all at once), by one of two exact schemes (the same products
+    to rounding). On the benchmark MLP (26k parameters, 2 CPU threads, 2026-12-07) reverse is
+    1.2-1.5x faster eagerly in float32 and float64 at k = 1...32; under ``torch.compile`` forward
+    is as fast and compiles about 5x faster.
+
+    * ``mode="reverse"`` (reverse-over-reverse): one ``vjp`` of the gradient, whose pullback is
+      ``vmap``-ed over the rows; the primal forward and backward pass is done once.
+    * ``mode="forward"`` (forward-over-reverse): ``vmap`` over ``jvp(grad)``. Floating targets
+      enter the jvp as primals with explicit zero tangents: losses such as ``F.mse_loss`` fail
+      under forward-over-reverse when the target has no tangent ("ZeroTensors are immutable"),
+      and mixed dual/plain arithmetic is slower.
+    """
+    k = Vx.shape[0]
+    cs = chunk_size or k
+    gfn = grad_and_value(loss)
+    if mode == "reverse":
+        g, pull, val = vjp(lambda xx: gfn(xx, xb, yb), x, has_aux=True)
+        outs = [vmap(pull)(Vx[s:s + cs])[0] for s in range(0, k, cs)]
+        return g, (outs[0] if len(outs) == 1 else torch.cat(outs)), val
+    if mode != "forward":
+        raise ValueError(f"mode: expected one of {HVP_MODES}, got {mode!r}")
+    dual_t = isinstance(yb, torch.Tensor) and yb.is_floating_point()
+    ty = torch.zeros_like(yb) if dual_t else None
+
+    def push(v):
+        if dual_t:
+            return jvp(lambda xx, yy: gfn(xx, xb, yy), (x, yb), (v, ty), has_aux=True)
+        return jvp(lambda xx: gfn(xx, xb, yb), (x,), (v,), has_aux=True)
+
+    outs = []
+    g = val = None
+    with warnings.catch_warnings():
+        # torch.func compiles a few forward-AD decompositions with torch.jit.script on first use
+        # and warns that torch.jit.script is deprecated: torch's internals, not the user's
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
         for s in range(0, k, cs):
-            g, hv, loss = vmap(push, out_dims=(None, 0, None))(Vx[s:s + cs])
+            g, hv, val = vmap(push, out_dims=(None, 0, None))(Vx[s:s + cs])
             outs.append(hv)
-        return g, (outs[0] if len(outs) == 1 else torch.cat(outs)), loss
+    return g, (outs[0] if len(outs) == 1 else torch.cat(outs)), val
+
+
+def grad_hvp_auto(owner, loss, x, Vx, xb, yb, chunk_size: int | None = None):
+    """:func:`grad_hvp_rows` with ``owner.hvp_mode``, falling back once from reverse to forward.
+
+    If reverse-over-reverse raises a RuntimeError (an operation without a double backward),
+    forward-over-reverse is tried; if it works, ``owner.hvp_mode`` becomes "forward" for good. If
+    both fail, the RuntimeError names both reasons. Out-of-memory errors are not retried.
+    """
+    if owner.hvp_mode != "reverse":
+        return grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size, owner.hvp_mode)
+    try:
+        return grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size, "reverse")
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err_rev:
+        try:
+            out = grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size, "forward")
+        except RuntimeError as err:
+            raise RuntimeError("second derivatives of the loss are not available: reverse-over-reverse "
+                               f"(torch.func.vjp over torch.func.grad): {err_rev}; forward-over-reverse "
+                               f"(torch.func.jvp over torch.func.grad): {err}") from err
+        owner.hvp_mode = "forward"
+        return out

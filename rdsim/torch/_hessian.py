@@ -6,8 +6,12 @@ Public names (re-exported by :mod:`rdsim.torch`): :class:`HessianOperator`, :fun
 
 Policies:
 
-* HVPs are forward-over-reverse, ``jvp(grad(L))(w; v)``, batched over columns with ``vmap`` in
-  chunks of ``chunk_size`` columns (memory grows linearly with it).
+* HVPs are reverse-over-reverse (``vjp`` of ``grad(L)``, the pullback batched over columns with
+  ``vmap``), or forward-over-reverse ``jvp(grad(L))(w; v)`` where an operation has no double
+  backward (:attr:`HessianOperator.hvp_mode`; one implementation,
+  :func:`rdsim.torch._functional.grad_hvp_rows`), in chunks of ``chunk_size`` columns (memory
+  grows linearly with it). Products over per-row batches (``_rows_multi``) stay
+  forward-over-reverse.
 * Over several batches the loss is the sample-weighted mean: H = sum_b (n_b / N) H_b, for a
   ``loss_fn`` that returns the mean over its batch.
 * BatchNorm in train mode is refused: there the loss of a sample depends on the whole minibatch
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from ._data import as_pair, check_finite_data, resolve_device
+from ._functional import grad_hvp_auto
 
 __all__ = ["HessianOperator", "LanczosResult", "SpectralDensity", "dense_hessian", "hessian_eigenvalues",
            "hutchinson_trace", "hutchpp_trace", "lanczos", "lanczos_lockstep", "slq"]
@@ -140,6 +145,8 @@ class HessianOperator:
         self.batches = self._load_batches(data)
         self.n_samples = sum(int(b[0].shape[0]) for b in self.batches)
         self.n_hvp = 0
+        #: "reverse" (reverse-over-reverse HVPs) or "forward" where an operation has no double backward
+        self.hvp_mode = "reverse"
         self._probe()
 
     # -- construction helpers --------------------------------------------------------------------
@@ -211,25 +218,8 @@ class HessianOperator:
 
     # -- products --------------------------------------------------------------------------------
     def _hvp_batch(self, V: torch.Tensor, X, y) -> torch.Tensor:
-        """H_b V for a (k, n) block of rows V (forward-over-reverse, vmapped in chunks)."""
-        w = self.w
-        dual_t = y.is_floating_point()
-        ty = torch.zeros_like(y) if dual_t else None
-
-        def g(ww, yy):
-            return grad(self.loss_at)(ww, X, yy)
-
-        def one(v):
-            if dual_t:  # floating targets enter as primals with zero tangents (see OptimizerMap._push)
-                return jvp(g, (w, y), (v, ty))[1]
-            return jvp(lambda ww: g(ww, y), (w,), (v,))[1]
-
-        k = V.shape[0]
-        cs = self.chunk_size or k
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
-            parts = [vmap(one)(V[s:s + cs]) for s in range(0, k, cs)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        """H_b V for a (k, n) block of rows V (:func:`rdsim.torch._functional.grad_hvp_auto`, in chunks)."""
+        return grad_hvp_auto(self, self.loss_at, self.w, V, X, y, self.chunk_size)[1]
 
     def _rows_multi(self, V: torch.Tensor, Xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """Row r of V times the Hessian on batch (Xs[r], ys[r]) (equal-size batches), vmapped jointly."""
