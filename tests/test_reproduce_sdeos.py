@@ -23,9 +23,12 @@ def test_sd_generalization_eos_quick(tmp_path):
         assert r["n_minus_sd"] == pytest.approx(n - r["sd"])
         assert r["sd_minus_neutral"] == pytest.approx(r["sd"] - r["n_neutral"])
         assert 0 < r["rank_hb"] <= n and math.isfinite(r["eos_ratio"])
+        # the curvature along a minibatch gradient is at most that minibatch Hessian's top eigenvalue
+        assert math.isfinite(r["ess_ratio"]) and r["ess_ratio"] == pytest.approx(r["batch_sharpness"] * r["lr"] / 2)
         # eps = 1e-3 can only raise every value log(|1 - eta alpha| + eps), so SD cannot fall
         assert r["sd_eps1e-3"] >= r["sd_eps1e-6"] - 1e-9
         assert r["sd_wd"] <= r["sd"] + 1e-9  # weight decay contracts every direction a little more
+    assert s["n_at_either_edge"] >= max(s["n_at_eos"], s["n_at_ess"])
     measures = {c["measure"] for c in s["correlations"]}
     assert {"sd", "sd_minus_neutral", "lambda_max"} <= measures
     assert all(c["tau_lo"] <= c["tau"] + 1e-12 or math.isnan(c["tau"]) for c in s["correlations"])

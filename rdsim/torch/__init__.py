@@ -10,8 +10,8 @@ from ._hessian import (HessianOperator, LanczosResult, SpectralDensity, dense_he
                        hutchinson_trace, hutchpp_trace, lanczos, slq)
 from ._monitor import TrainingMonitor
 from ._optimizer_map import OptimizerMap
-from ._sharpness import minibatch_hessian_eigenvalues, sharpness_dimension
+from ._sharpness import BatchSharpness, batch_sharpness, minibatch_hessian_eigenvalues, sharpness_dimension
 
-__all__ = ["HessianOperator", "LanczosResult", "OptimizerMap", "SharpnessResult", "SpectralDensity", "dense_hessian",
+__all__ = ["BatchSharpness", "batch_sharpness", "HessianOperator", "LanczosResult", "OptimizerMap", "SharpnessResult", "SpectralDensity", "dense_hessian",
            "hessian_eigenvalues", "hutchinson_trace", "hutchpp_trace", "lanczos", "minibatch_hessian_eigenvalues",
            "sharpness_dimension", "slq", "TrainingMonitor"]

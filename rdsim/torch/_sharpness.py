@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -15,11 +16,12 @@ from .._sharpness import (RANK_TOL, SharpnessResult, _minibatches, check_batch_s
                           check_method, check_n_iter, check_options, check_pos_int, check_rank_tol, check_seed,
                           exact_sharpness_values, jackknife_sd, neutral_share, pseudo_spectrum, slq_counts)
 from ._data import as_pair
+from ._functional import FlatModel, check_no_dropout
 from .._validate import check_nonneg_float
 from ._hessian import HessianOperator, SpectralDensity, _check_basis, lanczos, lanczos_lockstep
 from ._structured import structured_eigenvalues
 
-__all__ = ["sharpness_dimension", "minibatch_hessian_eigenvalues"]
+__all__ = ["sharpness_dimension", "minibatch_hessian_eigenvalues", "batch_sharpness", "BatchSharpness"]
 
 _NONFINITE = ("eigenvalues: the minibatch Hessian has non-finite entries (NaN or inf in the loss, its gradient "
               "or its curvature at these parameters)")
@@ -342,3 +344,88 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     return SharpnessResult(value=value, method=method, lambdas=vals, rds_sharpness=float(vals[0]),
                            lambda_max=lam_max, trace=trace, lr=lr, batch_size=bs, n_batches=len(batches),
                            n_params=N, n_hvp=n_hvp, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSharpness:
+    """Batch sharpness: the mean over minibatches B of g_B^T H_B g_B / ||g_B||^2.
+
+    Attributes:
+        value: the mean over the minibatches; ``value * lr / 2`` near 1 is SGD's edge of
+            stochastic stability (Andreyev & Beneventano 2024), where full-batch GD has
+            lambda_max(H) lr / 2 near 1.
+        stderr: standard error of the mean over the minibatches (NaN for one batch).
+        values: one value per minibatch (minibatches with g_B = 0 are left out).
+        batch_size: the minibatch size.
+    """
+
+    value: float
+    stderr: float
+    values: np.ndarray
+    batch_size: int
+
+    def __repr__(self) -> str:
+        return (f"BatchSharpness({self.value:.6g} ± {self.stderr:.2g}, {self.values.size} minibatches "
+                f"of {self.batch_size})")
+
+
+def batch_sharpness(model: nn.Module, loss_fn: Callable, data, *, batch_size: int, n_batches: int = 32,
+                    seed: int = 0, dtype=None) -> BatchSharpness:
+    """The curvature of each minibatch loss along its own gradient, averaged over minibatches.
+
+    For minibatches B of ``batch_size`` samples drawn without replacement (as
+    :func:`sharpness_dimension` draws them, from ``seed``), g_B^T H_B g_B / ||g_B||^2 with g_B and
+    H_B the gradient and Hessian of the minibatch loss at the model's parameters (one exact
+    reverse-over-reverse Hessian-vector product per minibatch). Its mean, times lr / 2, is the
+    stability ratio of SGD: SGD sits at 1 where GD's lambda_max(H) lr / 2 sits at 1 (Andreyev &
+    Beneventano, "Edge of Stochastic Stability", 2024), while lambda_max(H) lr / 2 of the full-batch
+    Hessian stays below 1 for small batches.
+
+    Raises:
+        ValueError / TypeError, naming the argument: batch_size not a positive integer or above
+            the data size, n_batches not positive, a negative seed, empty or mismatched data,
+            dropout in train mode, non-finite parameters.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> _ = model.weight.data.copy_(torch.tensor([[1.0, 1.0]]))
+        >>> X = torch.eye(2, dtype=torch.float64) * torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> res = batch_sharpness(model, torch.nn.functional.mse_loss, (X, torch.zeros(2, 1)), batch_size=2)
+        >>> round(res.value, 12)  # H = diag(1, 4), g = (1, 4): g.Hg / g.g = 65 / 17
+        3.823529411765
+    """
+    n_batches = check_pos_int(n_batches, "n_batches")
+    seed = check_seed(seed)
+    X, y = as_pair(data)
+    if not hasattr(X, "shape") or not hasattr(y, "shape") or len(X.shape) == 0 or len(y.shape) == 0:
+        raise TypeError("data: expected (inputs, targets) as tensors or arrays with a leading sample dimension")
+    n_samples = int(X.shape[0])
+    if n_samples == 0:
+        raise ValueError("data: the training set is empty")
+    if int(y.shape[0]) != n_samples:
+        raise ValueError(f"data: inputs have {n_samples} samples, targets {int(y.shape[0])}")
+    bs = check_batch_size(batch_size, n_samples)
+    check_no_dropout(model, "the batch sharpness")
+    fm = FlatModel(model, loss_fn, dtype=dtype)
+    x = fm.flat()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("model: its parameters are not finite")
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    X = X.to(fm.device, fm.dtype) if X.is_floating_point() else X.to(fm.device)
+    y = y.to(fm.device, fm.dtype) if y.is_floating_point() else y.to(fm.device)
+    vals = []
+    for idx in _minibatches(n_samples, bs, 1 if bs == n_samples else n_batches, seed):
+        ii = torch.as_tensor(idx, device=fm.device)
+        xb, yb = X.index_select(0, ii), y.index_select(0, ii)
+        g, _ = fm.grad(x, xb, yb)
+        gg = float(g.double().square().sum())
+        if gg == 0.0:
+            continue
+        _, Hg, _ = fm.grad_hvp(x, g.detach()[None], xb, yb)
+        vals.append(float((Hg[0].double() * g.double()).sum()) / gg)
+    v = np.array(vals, dtype=np.float64)
+    if v.size == 0:
+        return BatchSharpness(float("nan"), float("nan"), v, bs)
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+    return BatchSharpness(float(v.mean()), se, v, bs)

@@ -4,7 +4,10 @@ The paper's MLP (64 -> 16 -> 16 -> 10, no bias, ReLU, 1,440 parameters) on all 1
 digits (the rest, 360, for testing), SGD with reshuffled epochs, a fixed number of EPOCHS (not
 steps) for every batch size, a (lr x batch size) grid with 3 seeds. At the end of training:
 
-* lambda_max(H) eta / 2 (the edge of stability is ~1), train/test loss and accuracy, the gaps;
+* lambda_max(H) eta / 2 (GD's edge of stability is ~1), and SGD's own stability ratio: the batch
+  sharpness (mean over 16 minibatches of size b of g_B^T H_B g_B / |g_B|^2, Andreyev & Beneventano
+  2024) times eta / 2, and the mean top minibatch eigenvalue lambda_max(H_B) eta / 2;
+* train/test loss and accuracy, the gaps;
 * SD (exact, 4 minibatches) with the Hessian batch b_H = b (the optimizer's own minibatches) and b_H = 32 fixed;
 * from the same minibatch eigenvalues: the counts n_expanding / n_neutral / n_contracting, the
   rank of H_B, N - SD, SD without the neutral count (SD - n_neutral), SD with the eps of
@@ -68,7 +71,7 @@ def _run(lr, bs, seed, epochs, quick, size=8):
     from models import paper_mlp
     from rdsim._dimension import weighted_kaplan_yorke
     from rdsim._sharpness import exact_sharpness_values
-    from rdsim.torch import sharpness_dimension
+    from rdsim.torch import batch_sharpness, sharpness_dimension
 
     torch.set_num_threads(1)
     (X, y), (Xt, yt) = _data(size)
@@ -106,6 +109,7 @@ def _run(lr, bs, seed, epochs, quick, size=8):
                                 baselines=False)
     E = own.eigenvalues
     N = own.n_params
+    bsh = batch_sharpness(model, ce, (X, y), batch_size=bs, n_batches=4 if quick else 16, seed=2)
     scale = np.max(np.abs(E), axis=1, keepdims=True)
     rank = float(np.mean(np.sum(np.abs(E) > own.options["rank_tol"] * scale, axis=1)))
     lam_wd, _, _ = exact_sharpness_values(E + WD, lr, own.options["rank_tol"])
@@ -117,7 +121,8 @@ def _run(lr, bs, seed, epochs, quick, size=8):
                **{"sd_eps1e-6": _ky_eps(E, lr, 1e-6), "sd_eps1e-3": _ky_eps(E, lr, 1e-3)},
                sd_wd=float(weighted_kaplan_yorke(lam_wd, argname="lambdas")),
                rds_sharpness=own.rds_sharpness, lambda_max=own.lambda_max, trace=own.trace,
-               eos_ratio=own.lambda_max * lr / 2, n_params=N, measure_seconds=time.perf_counter() - t1)
+               eos_ratio=own.lambda_max * lr / 2, batch_sharpness=bsh.value, batch_sharpness_stderr=bsh.stderr,
+               ess_ratio=bsh.value * lr / 2, batch_lmax_ratio=float(np.mean(E.max(axis=1))) * lr / 2, n_params=N, measure_seconds=time.perf_counter() - t1)
     return row
 
 
@@ -172,7 +177,7 @@ def run(out: Path, quick: bool, store, log, size: int = 8) -> dict:
                                 _run(lr, bs, seed, epochs, quick, size))
                 rows.append(row)
                 if row["status"] == "ok":
-                    log(f"  seed {seed} lr={lr:<4g} b={row['batch_size']:<5d} lmax*lr/2 {row['eos_ratio']:5.2f}  train acc "
+                    log(f"  seed {seed} lr={lr:<4g} b={row['batch_size']:<5d} lmax*lr/2 {row['eos_ratio']:5.2f}  batch sharpness*lr/2 {row['ess_ratio']:5.2f}  train acc "
                         f"{row['train_acc']:.3f} gap {row['acc_gap']:+.3f}  SD {row['sd']:7.1f} (b_H=32: "
                         f"{row['sd_fixed']:7.1f}, eps 1e-3: {row['sd_eps1e-3']:7.1f}, wd: {row['sd_wd']:6.1f})  "
                         f"neutral {row['n_neutral']:6.1f}  rank {row['rank_hb']:6.1f}  N-SD {row['n_minus_sd']:6.1f}")
@@ -188,6 +193,9 @@ def run(out: Path, quick: bool, store, log, size: int = 8) -> dict:
             log(f"  {c['measure']:18s} {c['target']:9s} {c['tau']:+.3f} [{c['tau_lo']:+.2f}, {c['tau_hi']:+.2f}]  "
                 f"{c['Psi']:+.3f} [{c['Psi_lo']:+.2f}, {c['Psi_hi']:+.2f}]")
     eos = [r for r in ok if 0.8 <= r["eos_ratio"] <= 1.2]
+    # SGD's own edge (Andreyev & Beneventano 2024); rows of an older run without it count as not at the edge
+    ess = [r for r in ok if 0.8 <= r.get("ess_ratio", math.nan) <= 1.2]
+    either = [r for r in ok if r in eos or r in ess]
     interp = [r for r in ok if r["train_acc"] >= 0.999]
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
@@ -227,7 +235,8 @@ def run(out: Path, quick: bool, store, log, size: int = 8) -> dict:
     summary = {"setup": {"model": f"paper_mlp({size * size} -> 16 -> 16 -> 10, no bias, ReLU), {n_par:,} parameters",
                          "data": f"all 1,437 training digits (360 test), {size}x{size}", "epochs": epochs, "lrs": list(lrs),
                          "batch_sizes": list(batches), "seeds": list(seeds), "b_H_fixed": B_FIXED, "wd": WD},
-               "runs": rows, "correlations": corr, "n_ok": len(ok), "n_at_eos": len(eos), "n_interpolating": len(interp),
+               "runs": rows, "correlations": corr, "n_ok": len(ok), "n_at_eos": len(eos), "n_at_ess": len(ess),
+               "n_at_either_edge": len(either), "n_interpolating": len(interp),
                "figures": ["sd_generalization_eos.png"]}
     if quick or len(ok) < 8:
         summary.update(verdict="inconclusive", verdict_reason=f"{len(ok)} runs: the quick grid only exercises the pipeline")
@@ -242,7 +251,8 @@ def run(out: Path, quick: bool, store, log, size: int = 8) -> dict:
     else:
         verdict = "disagrees"
     summary.update(verdict=verdict, verdict_reason=(
-        f"{len(eos)} of {len(ok)} runs at the edge of stability (0.8 <= lambda_max eta / 2 <= 1.2), {len(interp)} "
+        f"{len(eos)} of {len(ok)} runs at the edge of stability (0.8 <= lambda_max eta / 2 <= 1.2), {len(ess)} at "
+        f"the edge of stochastic stability (0.8 <= batch sharpness eta / 2 <= 1.2), {len(either)} at either; {len(interp)} "
         f"interpolate; SD vs accuracy gap: tau {sd_c['tau']:+.2f} [{sd_c['tau_lo']:+.2f}, {sd_c['tau_hi']:+.2f}], "
         f"Psi {sd_c['Psi']:+.2f} [{sd_c['Psi_lo']:+.2f}, {sd_c['Psi_hi']:+.2f}]; the highest Psi is {best['measure']} "
         f"({best['Psi']:+.2f})"))
