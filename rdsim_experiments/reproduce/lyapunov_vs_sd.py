@@ -268,11 +268,33 @@ def _small_dln():
     return rdsim.losses.dln(X.numpy(), y.numpy(), depth=2), X.numpy(), y.numpy()
 
 
+def _manifold_split(ly, p):
+    """Which exponents belong to directions inside the DLN's invariant manifolds, from the final QR vectors.
+
+    The DLN step u' = u - eta v G, v' = v - eta u G maps the balanced set {u = v} into itself and
+    every "dead feature" plane {u_i = v_i = 0} into itself, and at a state on them the Jacobian
+    keeps the splits (u_j + v_j) / (u_j - v_j) and dead / live coordinates: each QR vector lies in
+    one part. A trajectory that has converged onto {u = v} with dead features (coordinates
+    underflowed to ~0) carries exponents of directions transverse to these sets. They contract
+    (slowly: 1 - eta^2 G^2 per step for u - v), and the Kaplan-Yorke count, which orders all
+    exponents together, fills them in; a cloud on the manifold has no extent along them. Returns
+    (mask of the exponents inside, unbalanced weight, dead weight) per vector.
+    """
+    Q = np.asarray(ly.Q_final, dtype=float)
+    xf = np.asarray(ly.x_final, dtype=float)
+    scale = max(1.0, float(np.max(np.abs(xf))))
+    dead = np.abs(xf) < 1e-12 * scale
+    unbal = np.linalg.norm(Q[:p] - Q[p:], axis=0) / math.sqrt(2)
+    deadw = np.linalg.norm(Q[dead], axis=0) if dead.any() else np.zeros(Q.shape[1])
+    return (unbal < 0.05) & (deadw < 0.05), unbal, deadw
+
+
 def _cloud_unit(lr, c):
-    """Copies of SGD (batch 4) on the d = 6 DLN, one shared minibatch sequence; D_2 of the cloud vs D_KY."""
+    """Copies of SGD (batch 4) on the d = 6 DLN, one shared minibatch sequence; D_2 and D_1 of the cloud vs
+    D_KY of all exponents and D_KY of the exponents inside the invariant manifold (see :func:`_manifold_split`)."""
     import rdsim
     from rdsim import optim
-    from rdsim.stats import correlation_dimension
+    from rdsim.stats import correlation_dimension, information_dimension
 
     loss, X, y = _small_dln()
     bs, p = 4, X.shape[1]
@@ -303,12 +325,20 @@ def _cloud_unit(lr, c):
     out.update(n_copies=M, n_finite=int(fin.sum()), steps=c["cloud_T"], spread=spread, grad_check=step_err,
                exponents=[float(v) for v in ly.exponents], d_ky=float(ly.dimension),
                d_ky_stderr=_ky_stderr(ly.exponents, ly.stderr), c_range=list(C_RANGE))
+    inside, unbal, deadw = _manifold_split(ly, p)
+    ex_in, se_in = np.asarray(ly.exponents)[inside], np.asarray(ly.stderr)[inside]
+    out.update(inside=[bool(v) for v in inside], unbalanced_weight=[float(v) for v in unbal],
+               dead_weight=[float(v) for v in deadw],
+               d_ky_manifold=float(rdsim.kaplan_yorke_dimension(ex_in)) if ex_in.size else math.nan,
+               d_ky_manifold_stderr=_ky_stderr(ex_in, se_in) if ex_in.size else math.nan)
     if P.shape[0] >= 10 and spread > 1e-8:
         cd = correlation_dimension(P, c_range=C_RANGE, seed=0)
         out.update(d2=float(cd.value), d2_stderr=float(cd.stderr), d2_r=[float(v) for v in cd.scales[cd.fit][[0, -1]]]
                    if cd.fit.any() else [math.nan, math.nan])
+        d1 = information_dimension(P, c_range=C_RANGE, seed=0)
+        out.update(d1=float(d1.value), d1_stderr=float(d1.stderr))
     else:
-        out.update(d2=0.0, d2_stderr=0.0, d2_r=[math.nan, math.nan])
+        out.update(d2=0.0, d2_stderr=0.0, d2_r=[math.nan, math.nan], d1=0.0, d1_stderr=0.0)
     # controls: Gaussian clouds of the same size and known dimension k embedded in R^6
     ctrl = {}
     for k in (1, 2, 3):
@@ -396,7 +426,9 @@ def run(out: Path, quick: bool, store, log) -> dict:
         if cl["status"] == "ok":
             log(f"pullback cloud DLN d=6 SGD eta={cl['lr']:g}: {cl['n_finite']}/{cl['n_copies']} copies, spread "
                 f"{cl['spread']:.3g}; lambda_1 {cl['exponents'][0]:+.4f}; D_KY {cl['d_ky']:.3f} ± "
-                f"{cl['d_ky_stderr']:.2g}; D_2 {cl['d2']:.3f} ± {cl['d2_stderr']:.2g}; controls "
+                f"{cl['d_ky_stderr']:.2g} (inside the invariant manifold: {cl['d_ky_manifold']:.3f} ± "
+                f"{cl['d_ky_manifold_stderr']:.2g}); D_2 {cl['d2']:.3f} ± {cl['d2_stderr']:.2g}, D_1 {cl['d1']:.3f} ± "
+                f"{cl['d1_stderr']:.2g}; controls "
                 + ", ".join(f"{v['true']}->{v['d2']:.3f}" for v in cl["controls"].values()))
     files = _figures(runs, out)
     okr = [r for r in runs if r["status"] == "ok"]
@@ -412,6 +444,10 @@ def run(out: Path, quick: bool, store, log) -> dict:
     cloud_ok = [cl for cl in cloud if cl["status"] == "ok"]
     cloud_agree = [abs(cl["d2"] - cl["d_ky"]) <= max(0.25, 3 * math.hypot(cl["d2_stderr"], cl["d_ky_stderr"]))
                    for cl in cloud_ok]
+    # the cloud's information dimension against D_KY of the exponents inside the invariant manifold
+    cloud_agree_m = [abs(cl["d1"] - cl["d_ky_manifold"]) <= max(0.25, 3 * math.hypot(cl["d1_stderr"],
+                                                                                    cl["d_ky_manifold_stderr"]))
+                     for cl in cloud_ok]
     if not okr:
         verdict, reason = "inconclusive", "no run stayed bounded"
     else:
@@ -424,10 +460,12 @@ def run(out: Path, quick: bool, store, log) -> dict:
         reason = (f"D_KY <= D^(m) <= SD(sup) within {Z:g} se in {n_chain}/{len(okr)} bounded runs "
                   f"(with SD(mean): {n_mean}/{len(okr)}); lambda_max eta/2 at eta >= eta*: "
                   f"{', '.join(f'{v:.2f}' for v in eos)}; pullback-cloud D_2 vs D_KY agree in "
-                  f"{sum(cloud_agree)}/{len(cloud_ok)}")
+                  f"{sum(cloud_agree)}/{len(cloud_ok)}, cloud D_1 vs D_KY inside the invariant manifold in "
+                  f"{sum(cloud_agree_m)}/{len(cloud_ok)}")
     return {"runs": table, "scans": scans, "eta_star": {"DLN": eta_d, "MLP": eta_m},
             "n_params": {"DLN": ref["dim"], "MLP": mref["dim"]}, "cloud": cloud, "n_ok": len(okr),
-            "n_chain_ok": n_chain, "n_chain_mean_ok": n_mean, "figures": files, "verdict": verdict,
+            "n_chain_ok": n_chain, "n_chain_mean_ok": n_mean, "n_cloud_agree": sum(cloud_agree),
+            "n_cloud_manifold_agree": sum(cloud_agree_m), "figures": files, "verdict": verdict,
             "verdict_reason": reason}
 
 
