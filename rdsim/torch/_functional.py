@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, jvp, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from ._data import resolve_device
 
-__all__ = ["FlatModel", "dropout_modules", "check_no_dropout", "grad_hvp_rows", "grad_hvp_auto", "HVP_MODES"]
+__all__ = ["FlatModel", "dropout_modules", "check_no_dropout", "grad_hvp_rows", "grad_hvp_auto", "hvp_rows_per_batch",
+           "with_hvp_fallback", "HVP_MODES"]
 
 
 def dropout_modules(model: nn.Module):
@@ -183,25 +184,59 @@ def grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size: int | None = None, mode: str 
     return g, (outs[0] if len(outs) == 1 else torch.cat(outs)), val
 
 
-def grad_hvp_auto(owner, loss, x, Vx, xb, yb, chunk_size: int | None = None):
-    """:func:`grad_hvp_rows` with ``owner.hvp_mode``, falling back once from reverse to forward.
+def hvp_rows_per_batch(loss, x, V, Xs, ys, chunk_size: int | None = None, mode: str = "reverse"):
+    """Row r of V (k, d) times the Hessian of ``loss(x, Xs[r], ys[r])`` at x (equal-size batches), vmapped jointly.
+
+    The per-row-batch form of :func:`grad_hvp_rows` (lockstep SLQ with a minibatch per run): the
+    same two schemes, each row with its own primal pass.
+    """
+    k = V.shape[0]
+    cs = chunk_size or k
+    if mode == "reverse":
+        def one(v, X, y):
+            _, pull = vjp(lambda xx: grad(loss)(xx, X, y), x)
+            return pull(v)[0]
+    elif mode == "forward":
+        dual_t = ys.is_floating_point()
+
+        def one(v, X, y):
+            def g(xx, yy):
+                return grad(loss)(xx, X, yy)
+            if dual_t:
+                return jvp(g, (x, y), (v, torch.zeros_like(y)))[1]
+            return jvp(lambda xx: g(xx, y), (x,), (v,))[1]
+    else:
+        raise ValueError(f"mode: expected one of {HVP_MODES}, got {mode!r}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
+        parts = [vmap(one)(V[s:s + cs], Xs[s:s + cs], ys[s:s + cs]) for s in range(0, k, cs)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def with_hvp_fallback(owner, compute):
+    """``compute(mode)`` with ``owner.hvp_mode``, falling back once from reverse to forward.
 
     If reverse-over-reverse raises a RuntimeError (an operation without a double backward),
     forward-over-reverse is tried; if it works, ``owner.hvp_mode`` becomes "forward" for good. If
     both fail, the RuntimeError names both reasons. Out-of-memory errors are not retried.
     """
     if owner.hvp_mode != "reverse":
-        return grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size, owner.hvp_mode)
+        return compute(owner.hvp_mode)
     try:
-        return grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size, "reverse")
+        return compute("reverse")
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as err_rev:
         try:
-            out = grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size, "forward")
+            out = compute("forward")
         except RuntimeError as err:
             raise RuntimeError("second derivatives of the loss are not available: reverse-over-reverse "
                                f"(torch.func.vjp over torch.func.grad): {err_rev}; forward-over-reverse "
                                f"(torch.func.jvp over torch.func.grad): {err}") from err
         owner.hvp_mode = "forward"
         return out
+
+
+def grad_hvp_auto(owner, loss, x, Vx, xb, yb, chunk_size: int | None = None):
+    """:func:`grad_hvp_rows` with ``owner.hvp_mode`` (:func:`with_hvp_fallback`)."""
+    return with_hvp_fallback(owner, lambda mode: grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size, mode))

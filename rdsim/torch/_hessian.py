@@ -33,9 +33,9 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call
 from ._data import as_pair, check_finite_data, resolve_device
-from ._functional import grad_hvp_auto
+from ._functional import grad_hvp_auto, hvp_rows_per_batch, with_hvp_fallback
 
 __all__ = ["HessianOperator", "LanczosResult", "SpectralDensity", "dense_hessian", "hessian_eigenvalues",
            "hutchinson_trace", "hutchpp_trace", "lanczos", "lanczos_lockstep", "slq"]
@@ -223,23 +223,10 @@ class HessianOperator:
 
     def _rows_multi(self, V: torch.Tensor, Xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """Row r of V times the Hessian on batch (Xs[r], ys[r]) (equal-size batches), vmapped jointly."""
-        w = self.w
-        dual_t = ys.is_floating_point()
-
-        def one(v, X, y):
-            def g(ww, yy):
-                return grad(self.loss_at)(ww, X, yy)
-            if dual_t:
-                return jvp(g, (w, y), (v, torch.zeros_like(y)))[1]
-            return jvp(lambda ww: g(ww, y), (w,), (v,))[1]
-
-        k = V.shape[0]
-        cs = self.chunk_size or k
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
-            parts = [vmap(one)(V[s:s + cs], Xs[s:s + cs], ys[s:s + cs]) for s in range(0, k, cs)]
-        self.n_hvp += k
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = with_hvp_fallback(self, lambda mode: hvp_rows_per_batch(self.loss_at, self.w, V, Xs, ys,
+                                                                      self.chunk_size, mode))
+        self.n_hvp += V.shape[0]
+        return out
 
     def _rows(self, V: torch.Tensor) -> torch.Tensor:
         """H applied to the rows of V (k, n) -> (k, n), averaged over batches by sample count."""
@@ -514,13 +501,18 @@ def _lanczos_runs(rows_fn, V0: torch.Tensor, n_steps: int, *, reorth: str = "ful
         if store:
             basis[:, j] = V.to(device=bdev, dtype=basis_dtype)
         W = rows_fn(V).to(torch.float64)
+        if W is V:  # an identity-like rows_fn: never update its input in place
+            W = W.clone()
         n_prod += int(alive.sum())
-        if not bool(torch.isfinite(W).all()):
+        # the (R, n) blocks are updated in place: at 10^5-10^6 parameters each fresh block is a
+        # large allocation (page faults on every step), which cost more than the arithmetic
+        wnorm = torch.linalg.vector_norm(W, dim=1).cpu().numpy()
+        if not np.all(np.isfinite(wnorm)):  # a NaN or inf entry makes its row's norm non-finite
             raise FloatingPointError("lanczos: the operator returned non-finite values")
-        scale = np.maximum(scale, torch.linalg.vector_norm(W, dim=1).cpu().numpy())
-        W = W - prev_beta[:, None] * Vprev
-        a = (W * V).sum(dim=1)
-        W = W - a[:, None] * V
+        scale = np.maximum(scale, wnorm)
+        W.addcmul_(prev_beta[:, None], Vprev, value=-1.0)
+        a = (W.unsqueeze(1) @ V.unsqueeze(2)).reshape(R)
+        W.addcmul_(a[:, None], V, value=-1.0)
         if store:
             W, beta, in_span, e = _orthogonalise(basis[:, :j + 1], W)
             extra += e
@@ -540,7 +532,7 @@ def _lanczos_runs(rows_fn, V0: torch.Tensor, n_steps: int, *, reorth: str = "ful
         if j == m - 1:
             break
         safe = torch.as_tensor(np.where(bnp > 0, bnp, 1.0), device=dev)
-        Vn = W / safe[:, None]
+        Vn = W.div_(safe[:, None])
         for r in np.flatnonzero(broke & alive):
             z = _rademacher(gens[r], (1, n), dev) if restart else None
             if z is not None:
