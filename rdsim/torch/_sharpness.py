@@ -122,6 +122,20 @@ def _split(X, y, size):
     return [(X[s:s + size], y[s:s + size]) for s in range(0, X.shape[0], size)]
 
 
+def _data_and_batch(data, batch_size):
+    """(X, y, n_samples, batch size) of a training set given as tensors, a Dataset or a DataLoader
+    (materialised once; the minibatches are drawn by the caller), checked."""
+    X, y = as_pair(data)
+    if not hasattr(X, "shape") or not hasattr(y, "shape") or len(X.shape) == 0 or len(y.shape) == 0:
+        raise TypeError("data: expected (inputs, targets) as tensors or arrays with a leading sample dimension")
+    n_samples = int(X.shape[0])
+    if n_samples == 0:
+        raise ValueError("data: the training set is empty")
+    if int(y.shape[0]) != n_samples:
+        raise ValueError(f"data: inputs have {n_samples} samples, targets {int(y.shape[0])}")
+    return X, y, n_samples, check_batch_size(batch_size, n_samples)
+
+
 def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float, batch_size: int,
                         method: str = "exact", n_batches: int = 32, seed: int = 0, n_iter: int | None = None,
                         dtype=None, chunk_size: int | None = 128, baselines: bool = True, eval_batch: int = 4096,
@@ -230,15 +244,7 @@ def sharpness_dimension(model: nn.Module, loss_fn: Callable, data, *, lr: float,
     if (isinstance(basis_bytes, bool) or not isinstance(basis_bytes, (int, float, np.integer, np.floating))
             or not math.isfinite(basis_bytes) or basis_bytes <= 0):
         raise ValueError(f"basis_bytes: expected a positive number of bytes, got {basis_bytes!r}")
-    X, y = as_pair(data)  # tensors, a Dataset or a DataLoader (materialised once; the minibatches are ours)
-    if not hasattr(X, "shape") or not hasattr(y, "shape") or len(X.shape) == 0 or len(y.shape) == 0:
-        raise TypeError("data: expected (inputs, targets) as tensors or arrays with a leading sample dimension")
-    n_samples = int(X.shape[0])
-    if n_samples == 0:
-        raise ValueError("data: the training set is empty")
-    if int(y.shape[0]) != n_samples:
-        raise ValueError(f"data: inputs have {n_samples} samples, targets {int(y.shape[0])}")
-    bs = check_batch_size(batch_size, n_samples)
+    X, y, n_samples, bs = _data_and_batch(data, batch_size)
     if dtype is None and method == "exact":
         dtype = torch.float64
     full = HessianOperator(model, loss_fn, _split(X, y, eval_batch), dtype=dtype, chunk_size=chunk_size)
@@ -397,15 +403,7 @@ def batch_sharpness(model: nn.Module, loss_fn: Callable, data, *, batch_size: in
     """
     n_batches = check_pos_int(n_batches, "n_batches")
     seed = check_seed(seed)
-    X, y = as_pair(data)
-    if not hasattr(X, "shape") or not hasattr(y, "shape") or len(X.shape) == 0 or len(y.shape) == 0:
-        raise TypeError("data: expected (inputs, targets) as tensors or arrays with a leading sample dimension")
-    n_samples = int(X.shape[0])
-    if n_samples == 0:
-        raise ValueError("data: the training set is empty")
-    if int(y.shape[0]) != n_samples:
-        raise ValueError(f"data: inputs have {n_samples} samples, targets {int(y.shape[0])}")
-    bs = check_batch_size(batch_size, n_samples)
+    X, y, n_samples, bs = _data_and_batch(data, batch_size)
     check_no_dropout(model, "the batch sharpness")
     fm = FlatModel(model, loss_fn, dtype=dtype)
     x = fm.flat()

@@ -25,6 +25,14 @@ DLN_LRS = {"gd": (0.3, 0.5, 0.6, 0.65, 0.7), "sgd": (0.2, 0.3, 0.4, 0.5, 0.6)}
 MLP_LRS = (0.75, 1.0, 1.25)
 
 
+def chain_verdict(n_chain: int, n_ok: int, rest_ok: bool) -> str:
+    """"agrees" when the chain holds in every bounded run and the other checks do, "partly" when it
+    holds in at least half, else "disagrees" (shared by ``ladder`` and ``lyapunov-vs-sd``)."""
+    if n_chain == n_ok and rest_ok:
+        return "agrees"
+    return "partly" if n_chain >= n_ok / 2 else "disagrees"
+
+
 def _ky_stderr(exponents, stderr):
     lam = np.asarray(exponents, dtype=float)
     S = np.cumsum(lam)
@@ -222,12 +230,7 @@ def run(out: Path, quick: bool, store, log) -> dict:
     if not okr:
         verdict, reason = "inconclusive", "no run stayed bounded"
     else:
-        if n_chain == len(okr) and n_mono == len(okr):
-            verdict = "agrees"
-        elif n_chain >= len(okr) / 2:
-            verdict = "partly"
-        else:
-            verdict = "disagrees"
+        verdict = chain_verdict(n_chain, len(okr), n_mono == len(okr))
         reason = (f"D_KY <= D^(m) <= SD(sup) within {Z:g} standard errors in {n_chain}/{len(okr)} bounded runs; "
                   f"D^(m) non-increasing along m (paired jackknife) in {n_mono}/{len(okr)}")
     return {"runs": table, "n_ok": len(okr), "n_chain_ok": n_chain, "n_monotone_ok": n_mono, "figures": files,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rdsim_experiments.reproduce.ladder import _ky_stderr, _measure
+from rdsim_experiments.reproduce.ladder import _ky_stderr, _measure, chain_verdict
 
 NAME = "lyapunov-vs-sd"
 TITLE = "Full spectra on a DLN and a digits MLP: D_KY vs D^(m) vs SD across eta (GD, SGD), pullback-cloud D_2"
@@ -451,12 +451,7 @@ def run(out: Path, quick: bool, store, log) -> dict:
     if not okr:
         verdict, reason = "inconclusive", "no run stayed bounded"
     else:
-        if n_chain == len(okr) and all(cloud_agree):
-            verdict = "agrees"
-        elif n_chain >= len(okr) / 2:
-            verdict = "partly"
-        else:
-            verdict = "disagrees"
+        verdict = chain_verdict(n_chain, len(okr), all(cloud_agree))
         reason = (f"D_KY <= D^(m) <= SD(sup) within {Z:g} se in {n_chain}/{len(okr)} bounded runs "
                   f"(with SD(mean): {n_mean}/{len(okr)}); lambda_max eta/2 at eta >= eta*: "
                   f"{', '.join(f'{v:.2f}' for v in eos)}; pullback-cloud D_2 vs D_KY agree in "
