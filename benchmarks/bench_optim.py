@@ -7,6 +7,8 @@ Prints, in one run:
       (marginal) and end to end;
   (b) batched tangents (one vmap over k) vs a Python loop over the tangents (chunk_size=1), k = 16;
   (b2) the eager tangent push with reverse-over-reverse vs forward-over-reverse HVPs;
+  (b3) where the floor is: the dense GEMMs that any exact HVP block of this MLP needs, timed alone,
+       and a hand-written batched R-op (k folded into single GEMMs) beside rdsim's pushes and QR;
   (c) numba backend: steps/s of optimizer maps on a diagonal linear network with d = 60 parameters.
 """
 
@@ -44,7 +46,19 @@ def _marginal(fn_run, n_short, n_long, repeats=2):
     return (t_long - t_short) / (n_long - n_short), t_long / n_long
 
 
-def torch_part(compiled=True, ks=(1, 4, 16, 32)):
+def _interleaved(fns, repeats):
+    """Best time of each callable over ``repeats`` interleaved rounds (every round runs each once, in
+    turn), so that numerator and denominator of a ratio see the same state of a shared machine."""
+    best = {name: np.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
     g = torch.Generator().manual_seed(0)
     n, b = 1024, 128
     X = torch.randn(n, 64, generator=g)
@@ -71,34 +85,37 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32)):
     plain()
     print(f"(a) SGD on an MLP 64-128-128-10 (tanh), {n_params:,} parameters, batch {b}, float32, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; QR: Cholesky QR (float64 Gram and factor)")
-    print("    lyapunov_spectrum per step / plain torch.optim.SGD step, measured side by side (the plain step")
-    print("    is re-timed next to each row); 'marginal' = from two run lengths (no set-up), 'e2e' = end to end")
+    print("    lyapunov_spectrum per step / plain torch.optim.SGD step (200 steps), measured side by side: per row")
+    print(f"    {repeats} interleaved rounds of (plain, eager short and long run, compiled short and long run), best")
+    print("    of each; 'ms' = marginal per-step cost from the two run lengths (no set-up), 'e2e' = end to end")
     hdr = f"    {'k':>3s} {'plain ms':>9s} {'eager ms':>9s} {'eager x':>8s} {'e2e x':>6s}"
     if compiled:
         hdr += f" {'compiled ms':>12s} {'compiled x':>11s} {'compile s':>10s}"
     print(hdr)
     out = {}
-    systems = {}
     for k in ks:
         eager = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
         rdsim.lyapunov_spectrum(eager, None, 2, k=k)
-        n_short, n_long = (20, 80) if k <= 4 else (10, 40)
-        t_plain = best_of(plain) / n_plain
-        m_e, e2e_e = _marginal(lambda m: rdsim.lyapunov_spectrum(eager, None, m, k=k), n_short, n_long)
-        row = f"    {k:3d} {t_plain * 1e3:9.2f} {m_e * 1e3:9.2f} {m_e / t_plain:8.1f} {e2e_e / t_plain:6.1f}"
-        out[k] = {"plain": t_plain, "eager": m_e}
+        runs = {"eager": eager}
         if compiled:
             comp = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, compile=True)
             t0 = time.perf_counter()
             rdsim.lyapunov_spectrum(comp, None, 2, k=k)
             t_compile = time.perf_counter() - t0
-            m_c, _ = _marginal(lambda m: rdsim.lyapunov_spectrum(comp, None, m, k=k), n_short, n_long)
-            t_plain2 = best_of(plain) / n_plain
-            t_plain = min(t_plain, t_plain2)
-            row = f"    {k:3d} {t_plain * 1e3:9.2f} {m_e * 1e3:9.2f} {m_e / t_plain:8.1f} {e2e_e / t_plain:6.1f}"
+            runs["compiled"] = comp
+        n_short, n_long = (20, 80) if k <= 4 else (10, 40)
+        best = _interleaved({"plain": plain, **{
+            f"{name} {m}": (lambda s=s, m=m: rdsim.lyapunov_spectrum(s, None, m, k=k))
+            for name, s in runs.items() for m in (n_short, n_long)}}, repeats)
+        t_plain = best["plain"] / n_plain
+        marg = {name: (best[f"{name} {n_long}"] - best[f"{name} {n_short}"]) / (n_long - n_short) for name in runs}
+        e2e_e = best[f"eager {n_long}"] / n_long
+        row = f"    {k:3d} {t_plain * 1e3:9.2f} {marg['eager'] * 1e3:9.2f} {marg['eager'] / t_plain:8.1f} {e2e_e / t_plain:6.1f}"
+        out[k] = {"plain": t_plain, "eager": marg["eager"]}
+        if compiled:
+            m_c = marg["compiled"]
             row += f" {m_c * 1e3:12.2f} {m_c / t_plain:11.1f} {t_compile:10.1f}"
-            out[k].update(compiled=m_c, compile_s=t_compile, plain=t_plain)
-            systems[k] = comp
+            out[k].update(compiled=m_c, compile_s=t_compile)
         print(row)
     if 16 in out:
         goals = f"    goals: k = 16 <= 10x eager ({out[16]['eager'] / out[16]['plain']:.1f}x)"
@@ -117,6 +134,7 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32)):
         print(f"(b) k = 16: batched {out[16]['eager'] * 1e3:.1f} ms/step, Python loop over tangents "
               f"{t_loop * 1e3:.1f} ms/step: batched is {t_loop / out[16]['eager']:.2f}x faster")
     hvp_schemes(model, loss_fn, X, y, spec, ks)
+    floor_part(model, loss_fn, X, y, spec, ks, plain, n_plain)
     return out
 
 
@@ -144,6 +162,129 @@ def hvp_schemes(model, loss_fn, X, y, spec, ks, repeats=5):
         err = float((a - b).abs().max() / a.abs().max())
         print(f"    {k:3d} {best['reverse'] * 1e3:9.2f} {best['forward'] * 1e3:9.2f} "
               f"{best['forward'] / best['reverse']:8.2f} {err:22.1e}")
+
+
+def mlp_tanh_ce_grad_hvp(model, x, V, xb, yb):
+    """(g, H V, loss) for ``models.MLP`` (tanh, biases) with mean cross-entropy, written out by hand.
+
+    A reference for (b3), not part of rdsim: the R-operator (Pearlmutter 1994) with the k tangent
+    rows folded into the row or column dimension of single GEMMs, tangent activations in (B, k, n)
+    layout. Flat parameter layout as ``model.named_parameters()`` (weight, bias per layer).
+    """
+    B, k = xb.shape[0], V.shape[0]
+    shapes = [tuple(layer.weight.shape) for layer in model.layers]
+    offs, o = [], 0
+    for out_, in_ in shapes:
+        offs.append((o, o + out_ * in_, o + out_ * in_ + out_))
+        o += out_ * in_ + out_
+    W = [x[a:b].view(s) for (a, b, _), s in zip(offs, shapes)]
+    bias = [x[b:c] for a, b, c in offs]
+    VW = [V[:, a:b].view(k, *s) for (a, b, _), s in zip(offs, shapes)]
+    Vb = [V[:, b:c] for a, b, c in offs]
+    n_l = len(shapes)
+    hs = [xb]
+    for i in range(n_l):
+        a = torch.addmm(bias[i], hs[-1], W[i].t())
+        hs.append(torch.tanh(a) if i < n_l - 1 else a)
+    logp = torch.log_softmax(hs[-1], 1)
+    loss = -logp.gather(1, yb[:, None]).mean()
+    p = logp.exp()
+    delta = p.clone()
+    delta[torch.arange(B), yb] -= 1.0
+    delta /= B
+    hdot, adot = [None], []  # hdot[i]: tangent of hs[i], (B, k, n)
+    for i, (out_, in_) in enumerate(shapes):
+        t = (hs[i] @ VW[i].reshape(k * out_, in_).t()).view(B, k, out_)
+        t += Vb[i]
+        if hdot[i] is not None:
+            t += (hdot[i].reshape(B * k, in_) @ W[i].t()).view(B, k, out_)
+        adot.append(t)
+        if i < n_l - 1:
+            hdot.append(t * (1.0 - hs[i + 1].square()).unsqueeze(1))
+    pz = p.unsqueeze(1) * adot[-1]
+    ddot = pz.sub_(p.unsqueeze(1) * pz.sum(2, keepdim=True)).div_(B)
+    g, HV = torch.empty_like(x), torch.empty_like(V)
+    for i in reversed(range(n_l)):
+        out_, in_ = shapes[i]
+        a, b, c = offs[i]
+        torch.mm(delta.t(), hs[i], out=g[a:b].view(out_, in_))
+        g[b:c] = delta.sum(0)
+        gw = (ddot.reshape(B, k * out_).t() @ hs[i]).view(k, out_, in_)
+        if hdot[i] is not None:
+            gw += (delta.t() @ hdot[i].reshape(B, k * in_)).view(out_, k, in_).transpose(0, 1)
+        HV[:, a:b] = gw.reshape(k, -1)
+        HV[:, b:c] = ddot.sum(0)
+        if i:
+            dphi = 1.0 - hs[i].square()
+            back = delta @ W[i]
+            bd = (ddot.reshape(B * k, out_) @ W[i]).view(B, k, in_)
+            bd += (delta @ VW[i].transpose(0, 1).reshape(out_, k * in_)).view(B, k, in_)
+            bd *= dphi.unsqueeze(1)
+            # d(tanh') = -2 tanh * hdot
+            bd.addcmul_((back * hs[i]).unsqueeze(1), hdot[i], value=-2.0)
+            ddot, delta = bd, back * dphi
+    return g, HV, loss
+
+
+def hvp_gemm_shapes(model, B, k):
+    """The dense GEMMs (M, K, N) of an exact HVP block for an MLP: per hidden/output layer six
+    (two forward-tangent, two backward-tangent, two for the weight block), two for the first."""
+    shapes = []
+    for i, layer in enumerate(model.layers):
+        out_, in_ = layer.weight.shape
+        shapes += [(B, in_, k * out_), (k * out_, B, in_)]
+        if i:
+            shapes += [(B * k, in_, out_), (out_, B, k * in_), (B * k, out_, in_), (B, out_, k * in_)]
+    return shapes
+
+
+def floor_part(model, loss_fn, X, y, spec, ks, plain, n_plain, repeats=5):
+    """(b3) the floor under the eager push: GEMMs alone, a hand-written R-op, rdsim's pushes, QR."""
+    from rdsim.torch._qr import cholqr_rows
+    eager = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
+    comp = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, compile=True)
+    B = spec.batch_size
+    xb, yb = X[:B], y[:B]
+    z = eager._state_tensor(eager.x0)
+    x = z[:eager.n_params]
+    tt = torch.as_tensor(1.0, dtype=torch.float64)
+    print(f"(b3) the floor under the push, ms (x plain step; {repeats} interleaved rounds with the plain step, best")
+    print("     of each): dense GEMMs of any exact HVP")
+    print("     block alone (preallocated, minimal flops), a hand-written batched R-op, rdsim's eager and")
+    print("     compiled push, and the Cholesky QR of the block")
+    print("     (eager and compiled push = HVP block + the update and its tangent; GEMMs + QR = the floor of a")
+    print("     step before any elementwise work; 'hand vs rdsim' = max |HV difference| / max |HV|, float32)")
+    print(f"    {'k':>3s} {'GFLOP':>6s} {'GFLOP/s':>7s} {'GEMMs':>13s} {'GEMMs + QR':>13s} {'hand R-op':>13s} "
+          f"{'eager push':>13s} {'compiled':>13s} {'hand vs rdsim':>13s}")
+    for k in ks:
+        V = torch.randn(k, eager.tangent_dim, generator=torch.Generator().manual_seed(k))
+        mats = [(torch.randn(m, kk), torch.randn(kk, n), torch.empty(m, n)) for m, kk, n in hvp_gemm_shapes(model, B, k)]
+        flops = sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in mats)
+
+        def gemms():
+            for a, b, o in mats:
+                torch.mm(a, b, out=o)
+
+        fns = {"gemm": gemms,
+               "hand": lambda: mlp_tanh_ce_grad_hvp(model, x, V[:, :eager.n_params], xb, yb),
+               "eager": lambda: eager._advance_eager(z, V, xb, yb, 1.0),
+               "comp": lambda: comp._compiled(z, V, xb, yb, tt),
+               "qr": lambda: cholqr_rows(V)}
+        for f in fns.values():
+            f()
+        best = _interleaved({"plain": plain, **{m: (lambda f=f: [f() for _ in range(5)]) for m, f in fns.items()}},
+                            repeats)
+        t_plain = best.pop("plain") / n_plain
+        best = {m: t / 5 for m, t in best.items()}
+        _, hv_hand, _ = fns["hand"]()
+        _, hv_ref, _ = eager._fm.grad_hvp(x, V[:, :eager.n_params], xb, yb)
+        err = float((hv_hand - hv_ref).abs().max() / hv_ref.abs().max())
+
+        def cell(t):
+            return f"{t * 1e3:6.2f} ({t / t_plain:4.1f})"
+        print(f"    {k:3d} {flops / 1e9:6.2f} {flops / best['gemm'] / 1e9:7.0f} {cell(best['gemm']):>13s} "
+              f"{cell(best['gemm'] + best['qr']):>13s} {cell(best['hand']):>13s} {cell(best['eager']):>13s} "
+              f"{cell(best['comp']):>13s} {err:13.1e}")
 
 
 def numba_part():
