@@ -8,7 +8,7 @@ Prints, in one run:
   (b) batched tangents (one vmap over k) vs a Python loop over the tangents (chunk_size=1), k = 16;
   (b2) the eager tangent push with reverse-over-reverse vs forward-over-reverse HVPs;
   (b3) where the floor is: the dense GEMMs that any exact HVP block of this MLP needs, timed alone,
-       and a hand-written batched R-op (k folded into single GEMMs) beside rdsim's pushes and QR;
+       and the QR, beside rdsim's eager and compiled pushes;
   (c) numba backend: steps/s of optimizer maps on a diagonal linear network with d = 60 parameters.
 """
 
@@ -139,91 +139,27 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
 
 
 def hvp_schemes(model, loss_fn, X, y, spec, ks, repeats=5):
-    """(b2) one eager tangent push (the step's HVP block and update tangent), reverse-over-reverse vs
-    forward-over-reverse HVPs on the same map and minibatch, timed interleaved, best of ``repeats``."""
+    """(b2) one eager tangent push (the step's HVP block and update tangent) with each HVP scheme
+    on the same map and minibatch, timed interleaved, best of ``repeats``."""
     system = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
     xb, yb = X[:spec.batch_size], y[:spec.batch_size]
     z = system._state_tensor(system.x0)
-    print(f"(b2) eager tangent push, HVP scheme (the map uses {system.hvp_mode!r}): ms per push, interleaved")
-    print(f"    {'k':>3s} {'reverse':>9s} {'forward':>9s} {'fwd/rev':>8s} {'max |diff| / max |HV|':>22s}")
+    modes = ("mlp", "reverse", "forward") if system.hvp_mode == "mlp" else ("reverse", "forward")
+    print(f"(b2) eager tangent push, HVP scheme (the map uses {system.hvp_mode!r}): ms per push, interleaved;")
+    print("     mlp = the written-out chain R-operator, reverse = vmap over a reverse-over-reverse pullback,")
+    print("     forward = vmap over jvp(grad); diff = max |HV - HV_reverse| / max |HV_reverse| (float32)")
+    print(f"    {'k':>3s} " + " ".join(f"{m:>9s}" for m in modes) + f" {'rev/mlp':>8s} {'fwd/rev':>8s} {'diff':>16s}")
     for k in ks:
         V = torch.randn(k, system.tangent_dim, generator=torch.Generator().manual_seed(k))
-        push = {m: (lambda m=m: system._advance_eager(z, V, xb, yb, 1.0, m)) for m in ("reverse", "forward")}
-        best = {m: np.inf for m in push}
-        for m in push:
-            push[m]()
-        for _ in range(repeats):
-            for m, f in push.items():
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    f()
-                best[m] = min(best[m], (time.perf_counter() - t0) / 5)
-        a, b = push["reverse"]()[1], push["forward"]()[1]
-        err = float((a - b).abs().max() / a.abs().max())
-        print(f"    {k:3d} {best['reverse'] * 1e3:9.2f} {best['forward'] * 1e3:9.2f} "
-              f"{best['forward'] / best['reverse']:8.2f} {err:22.1e}")
-
-
-def mlp_tanh_ce_grad_hvp(model, x, V, xb, yb):
-    """(g, H V, loss) for ``models.MLP`` (tanh, biases) with mean cross-entropy, written out by hand.
-
-    A reference for (b3), not part of rdsim: the R-operator (Pearlmutter 1994) with the k tangent
-    rows folded into the row or column dimension of single GEMMs, tangent activations in (B, k, n)
-    layout. Flat parameter layout as ``model.named_parameters()`` (weight, bias per layer).
-    """
-    B, k = xb.shape[0], V.shape[0]
-    shapes = [tuple(layer.weight.shape) for layer in model.layers]
-    offs, o = [], 0
-    for out_, in_ in shapes:
-        offs.append((o, o + out_ * in_, o + out_ * in_ + out_))
-        o += out_ * in_ + out_
-    W = [x[a:b].view(s) for (a, b, _), s in zip(offs, shapes)]
-    bias = [x[b:c] for a, b, c in offs]
-    VW = [V[:, a:b].view(k, *s) for (a, b, _), s in zip(offs, shapes)]
-    Vb = [V[:, b:c] for a, b, c in offs]
-    n_l = len(shapes)
-    hs = [xb]
-    for i in range(n_l):
-        a = torch.addmm(bias[i], hs[-1], W[i].t())
-        hs.append(torch.tanh(a) if i < n_l - 1 else a)
-    logp = torch.log_softmax(hs[-1], 1)
-    loss = -logp.gather(1, yb[:, None]).mean()
-    p = logp.exp()
-    delta = p.clone()
-    delta[torch.arange(B), yb] -= 1.0
-    delta /= B
-    hdot, adot = [None], []  # hdot[i]: tangent of hs[i], (B, k, n)
-    for i, (out_, in_) in enumerate(shapes):
-        t = (hs[i] @ VW[i].reshape(k * out_, in_).t()).view(B, k, out_)
-        t += Vb[i]
-        if hdot[i] is not None:
-            t += (hdot[i].reshape(B * k, in_) @ W[i].t()).view(B, k, out_)
-        adot.append(t)
-        if i < n_l - 1:
-            hdot.append(t * (1.0 - hs[i + 1].square()).unsqueeze(1))
-    pz = p.unsqueeze(1) * adot[-1]
-    ddot = pz.sub_(p.unsqueeze(1) * pz.sum(2, keepdim=True)).div_(B)
-    g, HV = torch.empty_like(x), torch.empty_like(V)
-    for i in reversed(range(n_l)):
-        out_, in_ = shapes[i]
-        a, b, c = offs[i]
-        torch.mm(delta.t(), hs[i], out=g[a:b].view(out_, in_))
-        g[b:c] = delta.sum(0)
-        gw = (ddot.reshape(B, k * out_).t() @ hs[i]).view(k, out_, in_)
-        if hdot[i] is not None:
-            gw += (delta.t() @ hdot[i].reshape(B, k * in_)).view(out_, k, in_).transpose(0, 1)
-        HV[:, a:b] = gw.reshape(k, -1)
-        HV[:, b:c] = ddot.sum(0)
-        if i:
-            dphi = 1.0 - hs[i].square()
-            back = delta @ W[i]
-            bd = (ddot.reshape(B * k, out_) @ W[i]).view(B, k, in_)
-            bd += (delta @ VW[i].transpose(0, 1).reshape(out_, k * in_)).view(B, k, in_)
-            bd *= dphi.unsqueeze(1)
-            # d(tanh') = -2 tanh * hdot
-            bd.addcmul_((back * hs[i]).unsqueeze(1), hdot[i], value=-2.0)
-            ddot, delta = bd, back * dphi
-    return g, HV, loss
+        push = {m: (lambda m=m: [system._advance_eager(z, V, xb, yb, 1.0, m) for _ in range(5)]) for m in modes}
+        for f in push.values():
+            f()
+        best = {m: t / 5 for m, t in _interleaved(push, repeats).items()}
+        hv = {m: system._advance_eager(z, V, xb, yb, 1.0, m)[1] for m in modes}
+        errs = [float((hv[m] - hv["reverse"]).abs().max() / hv["reverse"].abs().max()) for m in modes if m != "reverse"]
+        rev_mlp = f"{best['reverse'] / best['mlp']:8.2f}" if "mlp" in best else f"{'-':>8s}"
+        print(f"    {k:3d} " + " ".join(f"{best[m] * 1e3:9.2f}" for m in modes) +
+              f" {rev_mlp} {best['forward'] / best['reverse']:8.2f} " + "/".join(f"{e:.0e}" for e in errs).rjust(16))
 
 
 def hvp_gemm_shapes(model, B, k):
@@ -239,23 +175,20 @@ def hvp_gemm_shapes(model, B, k):
 
 
 def floor_part(model, loss_fn, X, y, spec, ks, plain, n_plain, repeats=5):
-    """(b3) the floor under the eager push: GEMMs alone, a hand-written R-op, rdsim's pushes, QR."""
+    """(b3) the floor under the push: the GEMMs alone, then rdsim's eager and compiled pushes, and QR."""
     from rdsim.torch._qr import cholqr_rows
     eager = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
     comp = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, compile=True)
     B = spec.batch_size
     xb, yb = X[:B], y[:B]
     z = eager._state_tensor(eager.x0)
-    x = z[:eager.n_params]
     tt = torch.as_tensor(1.0, dtype=torch.float64)
-    print(f"(b3) the floor under the push, ms (x plain step; {repeats} interleaved rounds with the plain step, best")
-    print("     of each): dense GEMMs of any exact HVP")
-    print("     block alone (preallocated, minimal flops), a hand-written batched R-op, rdsim's eager and")
-    print("     compiled push, and the Cholesky QR of the block")
-    print("     (eager and compiled push = HVP block + the update and its tangent; GEMMs + QR = the floor of a")
-    print("     step before any elementwise work; 'hand vs rdsim' = max |HV difference| / max |HV|, float32)")
-    print(f"    {'k':>3s} {'GFLOP':>6s} {'GFLOP/s':>7s} {'GEMMs':>13s} {'GEMMs + QR':>13s} {'hand R-op':>13s} "
-          f"{'eager push':>13s} {'compiled':>13s} {'hand vs rdsim':>13s}")
+    print(f"(b3) the floor under the push, ms (x plain step; {repeats} interleaved rounds with the plain step, best of")
+    print("     each): the dense GEMMs of any exact HVP block of this MLP alone (minimal flops, preallocated")
+    print("     outputs; six per hidden or output layer, two for the first), the Cholesky QR of the block, and")
+    print(f"     rdsim's eager ({eager.hvp_mode!r}) and compiled (forward) pushes, which include the update and its tangent")
+    print(f"    {'k':>3s} {'GFLOP':>6s} {'GFLOP/s':>7s} {'GEMMs':>13s} {'GEMMs + QR':>13s} {'eager push':>13s} "
+          f"{'compiled':>13s}")
     for k in ks:
         V = torch.randn(k, eager.tangent_dim, generator=torch.Generator().manual_seed(k))
         mats = [(torch.randn(m, kk), torch.randn(kk, n), torch.empty(m, n)) for m, kk, n in hvp_gemm_shapes(model, B, k)]
@@ -266,7 +199,6 @@ def floor_part(model, loss_fn, X, y, spec, ks, plain, n_plain, repeats=5):
                 torch.mm(a, b, out=o)
 
         fns = {"gemm": gemms,
-               "hand": lambda: mlp_tanh_ce_grad_hvp(model, x, V[:, :eager.n_params], xb, yb),
                "eager": lambda: eager._advance_eager(z, V, xb, yb, 1.0),
                "comp": lambda: comp._compiled(z, V, xb, yb, tt),
                "qr": lambda: cholqr_rows(V)}
@@ -276,15 +208,11 @@ def floor_part(model, loss_fn, X, y, spec, ks, plain, n_plain, repeats=5):
                             repeats)
         t_plain = best.pop("plain") / n_plain
         best = {m: t / 5 for m, t in best.items()}
-        _, hv_hand, _ = fns["hand"]()
-        _, hv_ref, _ = eager._fm.grad_hvp(x, V[:, :eager.n_params], xb, yb)
-        err = float((hv_hand - hv_ref).abs().max() / hv_ref.abs().max())
 
         def cell(t):
             return f"{t * 1e3:6.2f} ({t / t_plain:4.1f})"
         print(f"    {k:3d} {flops / 1e9:6.2f} {flops / best['gemm'] / 1e9:7.0f} {cell(best['gemm']):>13s} "
-              f"{cell(best['gemm'] + best['qr']):>13s} {cell(best['hand']):>13s} {cell(best['eager']):>13s} "
-              f"{cell(best['comp']):>13s} {err:13.1e}")
+              f"{cell(best['gemm'] + best['qr']):>13s} {cell(best['eager']):>13s} {cell(best['comp']):>13s}")
 
 
 def numba_part():

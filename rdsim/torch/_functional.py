@@ -124,18 +124,69 @@ class FlatModel:
         """(gradient of the batch loss at x, loss)."""
         return grad_and_value(self.loss)(x, xb, yb)
 
-    #: the scheme :meth:`grad_hvp` uses when none is asked for (see :func:`grad_hvp_auto`)
+    #: the scheme :meth:`grad_hvp` uses when none is asked for: "reverse" (see :func:`grad_hvp_auto`),
+    #: "forward" after a fallback, or "mlp" once the loss is recognised as a fully connected chain
     hvp_mode = "reverse"
+    #: whether :meth:`grad_hvp` looks for a fully connected chain on first use (:mod:`rdsim.torch._mlp`)
+    try_chain = True
+    #: the recognised chain (None: not looked for yet; False: not a chain, ``chain_reason`` says why)
+    chain = None
+    chain_reason = ""
 
     def grad_hvp(self, x, Vx, xb, yb, chunk_size: int | None = None, mode: str | None = None):
         """(g, H V, loss): the gradient of the batch loss at x and its Hessian applied to the rows
-        of Vx (k, d), by :func:`grad_hvp_rows` (``mode`` given) or :func:`grad_hvp_auto` (None)."""
+        of Vx (k, d), by :func:`grad_hvp_rows` (``mode`` given) or with :attr:`hvp_mode` (None).
+
+        With ``mode=None`` the first call looks for a chain of ``Linear`` layers and elementwise
+        activations ending in mean cross-entropy or MSE (:func:`rdsim.torch._mlp.detect_chain`:
+        by structure, then checked against :func:`grad_hvp_auto` at that point); if it finds one,
+        ``hvp_mode`` becomes "mlp" and the products are written out (:func:`rdsim.torch._mlp.chain_grad_hvp`).
+        """
+        if mode is None and self.chain is None and self.try_chain and self.hvp_mode == "reverse":
+            from ._mlp import detect_chain
+            chain, self.chain_reason = detect_chain(
+                self, x, xb, yb, lambda xx, V, a, b: grad_hvp_auto(self, self.loss, xx, V, a, b))
+            self.chain = chain or False
+            if chain and self.hvp_mode == "reverse":
+                self.hvp_mode = "mlp"
+        if (mode or self.hvp_mode) == "mlp":
+            return self._chain_grad_hvp(x, Vx, xb, yb, chunk_size)
         if mode is not None:
             return grad_hvp_rows(self.loss, x, Vx, xb, yb, chunk_size, mode)
         return grad_hvp_auto(self, self.loss, x, Vx, xb, yb, chunk_size)
 
+    def set_hvp(self, hvp: str) -> None:
+        """Apply a user's ``hvp=`` choice ("auto", "mlp", "reverse", "forward") before the first product."""
+        if hvp not in HVP_CHOICES:
+            raise ValueError(f"hvp: expected one of {HVP_CHOICES}, got {hvp!r}")
+        self.try_chain = hvp in ("auto", "mlp")
+        if hvp == "forward":
+            self.hvp_mode = "forward"
+
+    def check_hvp(self, hvp: str) -> None:
+        """After the first product: ``hvp="mlp"`` must have found its chain."""
+        if hvp == "mlp" and self.hvp_mode != "mlp":
+            raise ValueError("hvp: 'mlp' needs a chain of Linear layers and elementwise activations ending in "
+                             f"mean cross-entropy or MSE; this model and loss are not one ({self.chain_reason}); "
+                             "use hvp='auto'")
+
+    def _chain_grad_hvp(self, x, Vx, xb, yb, chunk_size):
+        from ._mlp import chain_grad_hvp
+        if not self.chain:
+            raise ValueError(f"mode: 'mlp' needs a fully connected chain; this model/loss is not one "
+                             f"({self.chain_reason or 'not looked for'})")
+        k = Vx.shape[0]
+        cs = chunk_size or k
+        with torch.no_grad():
+            if cs >= k:
+                return chain_grad_hvp(self.chain, x, Vx, xb, yb)
+            parts = [chain_grad_hvp(self.chain, x, Vx[s:s + cs], xb, yb) for s in range(0, k, cs)]
+        return parts[0][0], torch.cat([p[1] for p in parts]), parts[0][2]
+
 
 HVP_MODES = ("reverse", "forward")
+#: the ``hvp=`` choices of OptimizerMap and TrainingMonitor
+HVP_CHOICES = ("auto", "mlp", "reverse", "forward")
 
 
 def grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size: int | None = None, mode: str = "reverse"):

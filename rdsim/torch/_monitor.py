@@ -129,6 +129,10 @@ class TrainingMonitor:
             performs one training step of the shadow; default: zero_grad, backward of ``loss_fn``,
             ``optimizer.step()``).
         chunk_size: tangent vectors per batched HVP (bounds memory).
+        hvp: how the Hessian-vector products are taken, as in :class:`rdsim.torch.OptimizerMap`:
+            "auto" (written out for a recognised chain of Linear layers and elementwise
+            activations, else reverse-over-reverse), "mlp", "reverse" or "forward";
+            ``monitor.hvp_mode`` says which is used.
         measure_options: per-measure keyword arguments, e.g. ``{"sd": {"method": "slq"}}``,
             ``{"sharpness": {"tol": 1e-4}}``, ``{"trace": {"n_probes": 32}}``.
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or anything with
@@ -147,7 +151,8 @@ class TrainingMonitor:
                  k: int | None = 8, method: str = "tangent", every: int | None = None,
                  measures: Sequence[str] = ("sharpness",), seed: int = 0, data=None, qr_every: int = 1,
                  delta: float = 1e-4, renorm_every: int = 10, step_fn: Callable | None = None,
-                 chunk_size: int | None = None, measure_options: dict | None = None, writer=None):
+                 chunk_size: int | None = None, measure_options: dict | None = None, writer=None,
+                 hvp: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -184,6 +189,8 @@ class TrainingMonitor:
         if foreign:
             raise ValueError(f"optimizer: {len(foreign)} of its parameters are not parameters of model")
         self._fm = FlatModel(model, loss_fn, params=opt_params, copy_constants=False)
+        self._fm.set_hvp(hvp)
+        self.hvp = hvp
         self.device, self.dtype = self._fm.device, self._fm.dtype
         self.n_params = d = self._fm.n_params
         # the optimizer's parameters in the flat layout, and the group of each
@@ -358,6 +365,12 @@ class TrainingMonitor:
                           for p, gi in zip(self._params, self._group_index)])
 
     @property
+    def hvp_mode(self) -> str:
+        """How the Hessian-vector products are taken: "mlp", "reverse" or "forward" (see ``hvp``);
+        "reverse" until the first observed step decides."""
+        return self._fm.hvp_mode
+
+    @property
     def lr(self) -> float:
         """The first parameter group's current learning rate."""
         lr = self.optimizer.param_groups[0]["lr"]
@@ -388,6 +401,7 @@ class TrainingMonitor:
         h, z, t = self._hyper_and_state()
         d = self.n_params
         g, HV, loss = self._fm.grad_hvp(z[:d], self._Q[:, :d], xb, yb, self.chunk_size)
+        self._fm.check_hvp(self.hvp)
         TV = _upd.tangent(h, z, g, self._Q, HV, t).detach()
         self._since_qr += 1
         if self._since_qr == self.qr_every:

@@ -137,6 +137,13 @@ class OptimizerMap(AbstractSystem):
         record: see above.
         compile: run the update and its tangent through ``torch.compile`` (see above).
         qr: "cholesky" (default) or "householder" (see above).
+        hvp: how the eager Hessian-vector products are taken (:attr:`hvp_mode` says which is used):
+            "auto" (default) writes them out when the model and loss form a chain of ``Linear``
+            layers and elementwise activations ending in mean cross-entropy or MSE (recognised by
+            structure, checked against torch.func at construction; ~2x faster at k = 1, ~1.3x at
+            k = 16 on the benchmark MLP), else "reverse"; "mlp" requires the chain (ValueError
+            saying why not); "reverse" (reverse-over-reverse, falling back to forward where an
+            operation has no double backward) and "forward" (forward-over-reverse) use torch.func.
 
     Attributes:
         dim, noise_dim, tangent_dim, dt, name, backend: the :class:`rdsim.AbstractSystem` interface.
@@ -174,7 +181,7 @@ class OptimizerMap(AbstractSystem):
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, optimizer: OptimizerSpec, *,
                  device=None, dtype=None, chunk_size: int | None = None, tangent: str = "exact",
-                 record=None, compile: bool = False, qr: str = "cholesky"):
+                 record=None, compile: bool = False, qr: str = "cholesky", hvp: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -192,6 +199,7 @@ class OptimizerMap(AbstractSystem):
             chunk_size = int(chunk_size)
         check_no_dropout(model)
         fm = FlatModel(model, loss_fn, dtype=dtype, device=device, copy_constants=True)
+        fm.set_hvp(hvp)
         self._fm = fm
         self.device, self.dtype = fm.device, fm.dtype
         self.model, self.loss_fn, self.spec, self.tangent_kind = model, loss_fn, optimizer, tangent
@@ -241,6 +249,7 @@ class OptimizerMap(AbstractSystem):
         self.compile_error: str | None = None
 
         self._probe()
+        fm.check_hvp(hvp)
         if compile:
             self._compiled = torch.compile(functools.partial(self._advance_eager, mode=COMPILED_HVP_MODE), dynamic=False)
 
@@ -385,8 +394,9 @@ class OptimizerMap(AbstractSystem):
 
     @property
     def hvp_mode(self) -> str:
-        """How the Hessian-vector products are taken eagerly: "reverse" (reverse-over-reverse), or
-        "forward" (forward-over-reverse) where an operation has no double backward; always
+        """How the Hessian-vector products are taken eagerly: "mlp" (written out for a recognised
+        fully connected chain, :mod:`rdsim.torch._mlp`), "reverse" (reverse-over-reverse), or
+        "forward" (forward-over-reverse, also where an operation has no double backward); always
         "forward" inside ``compile=True`` (see :meth:`rdsim.torch._functional.FlatModel.grad_hvp`)."""
         return self._fm.hvp_mode
 

@@ -1,0 +1,188 @@
+"""The written-out Hessian-vector products of fully connected chains (rdsim.torch._mlp).
+
+Oracle: the dense Hessian of the same flat loss (torch.autograd.functional.hessian), float64.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+import rdsim
+import rdsim.torch as rt
+from rdsim import optim
+from rdsim.torch._functional import FlatModel
+
+DT = torch.float64
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _dense_check(fm, X, y, k=3, seed=0):
+    """The chain's (g, HV, loss) against the dense Hessian and torch.func's gradient."""
+    g0 = torch.Generator().manual_seed(seed)
+    x = fm.flat()
+    V = torch.randn(k, fm.n_params, generator=g0, dtype=DT).to(x.device)
+    g, hv, loss = fm.grad_hvp(x, V, X, y)
+    H = torch.autograd.functional.hessian(lambda w: fm.loss(w, X, y), x)
+    g_ref, _, l_ref = fm.grad_hvp(x, V, X, y, mode="reverse")
+    scale = float(H.abs().max())
+    assert float((hv - V @ H).abs().max()) <= 1e-13 * scale
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-15 * max(1.0, float(g_ref.abs().max())))
+    assert abs(float(loss) - float(l_ref)) <= 1e-14 * max(1.0, abs(float(l_ref)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid", "silu", "gelu", "leaky_relu", "identity"])
+def test_chain_matches_dense_hessian(activation, device):
+    torch.manual_seed(0)
+    net = models.MLP(6, 3, width=5, depth=3, activation=activation, seed=1).to(DT).to(device)
+    X = torch.randn(9, 6, dtype=DT, device=device)
+    y = torch.randint(0, 3, (9,), device=device)
+    fm = FlatModel(net, F.cross_entropy)
+    _dense_check(fm, X, y)
+    assert fm.hvp_mode == "mlp" and fm.chain_reason == "chain"
+
+
+@pytest.mark.parametrize("case", ["mse_nobias", "half_mse", "ignore_index", "flatten_sequential", "depth1"])
+def test_chain_losses_and_layouts(case):
+    torch.manual_seed(0)
+    X = torch.randn(10, 6, dtype=DT)
+    yc, yr = torch.randint(0, 3, (10,)), torch.randn(10, 3, dtype=DT)
+    if case == "mse_nobias":
+        net, loss, y = models.MLP(6, 3, width=4, depth=3, bias=False, activation="tanh").to(DT), F.mse_loss, yr
+    elif case == "half_mse":
+        net, loss, y = models.MLP(6, 3, width=4, depth=2, activation="gelu").to(DT), lambda o, t: 0.5 * F.mse_loss(o, t), yr
+    elif case == "ignore_index":
+        yc[:3] = 1
+        net, loss, y = models.MLP(6, 3, width=4, depth=2).to(DT), lambda o, t: F.cross_entropy(o, t, ignore_index=1), yc
+    elif case == "flatten_sequential":
+        X = X.reshape(10, 2, 3)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 4, bias=False), nn.Linear(4, 3)).to(DT)
+        loss, y = F.cross_entropy, yc
+    else:
+        net, loss, y = nn.Linear(6, 3).to(DT), F.cross_entropy, yc
+    fm = FlatModel(net, loss)
+    _dense_check(fm, X, y)
+    assert fm.hvp_mode == "mlp"
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) + x)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6, bias=False)
+
+    def forward(self, x):
+        return self.a(torch.tanh(self.a(x)))[:, :3]
+
+
+class _Branch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return torch.tanh(h) if float(h.detach().mean()) > 0 else h
+
+
+@pytest.mark.parametrize("case", ["softplus", "label_smoothing", "residual", "tied", "branch", "batchnorm",
+                                  "frozen", "squeeze_mse"])
+def test_non_chains_use_torch_func(case):
+    torch.manual_seed(0)
+    X, yc = torch.randn(10, 6, dtype=DT), torch.randint(0, 3, (10,))
+    loss, y, params = F.cross_entropy, yc, None
+    if case == "softplus":
+        net = models.MLP(6, 3, width=4, depth=2, activation="softplus").to(DT)
+    elif case == "label_smoothing":
+        net, loss = models.MLP(6, 3, width=4, depth=2).to(DT), lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1)
+    elif case == "residual":
+        net = _Residual().to(DT)
+    elif case == "tied":
+        net = _Tied().to(DT)
+    elif case == "branch":
+        net = _Branch().to(DT)
+    elif case == "batchnorm":
+        net = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    elif case == "frozen":
+        net = models.MLP(6, 3, width=4, depth=2).to(DT)
+        params = [net.layers[1].weight]
+    else:
+        net = models.MLP(6, 1, width=4, depth=2).to(DT)
+        loss, y = (lambda o, t: F.mse_loss(o.squeeze(-1), t)), torch.randn(10, dtype=DT)
+    fm = FlatModel(net, loss, params=params)
+    x = fm.flat()
+    V = torch.randn(2, fm.n_params, dtype=DT)
+    g, hv, _ = fm.grad_hvp(x, V, X, y)
+    assert fm.hvp_mode == "reverse" and fm.chain is False and fm.chain_reason
+    H = torch.autograd.functional.hessian(lambda w: fm.loss(w, X, y), x)
+    assert float((hv - V @ H).abs().max()) <= 1e-12 * float(H.abs().max())
+
+
+def test_workspace_follows_batch_and_block_sizes():
+    torch.manual_seed(0)
+    net = models.MLP(5, 3, width=4, depth=3, activation="tanh").to(DT)
+    fm = FlatModel(net, F.cross_entropy)
+    x = fm.flat()
+    for b, k in [(8, 3), (5, 3), (8, 1), (8, 3), (12, 6)]:
+        X, y = torch.randn(b, 5, dtype=DT), torch.randint(0, 3, (b,))
+        V = torch.randn(k, fm.n_params, dtype=DT)
+        _, hv, _ = fm.grad_hvp(x, V, X, y)
+        _, hv_ref, _ = fm.grad_hvp(x, V, X, y, mode="reverse")
+        assert fm.hvp_mode == "mlp"
+        torch.testing.assert_close(hv, hv_ref, rtol=0, atol=1e-14)
+    # chunks give the same products
+    _, hv_c, _ = fm.grad_hvp(x, V, X, y, chunk_size=4)
+    torch.testing.assert_close(hv_c, hv, rtol=0, atol=1e-15)
+
+
+def test_optimizer_map_hvp_option_and_exponents():
+    torch.manual_seed(0)
+    X, y = torch.randn(24, 5, dtype=DT), torch.randint(0, 3, (24,))
+    net = models.MLP(5, 3, width=6, depth=3, activation="tanh", seed=2).to(DT)
+    spec = optim.sgd(0.3, 6)
+    fast = rt.OptimizerMap(net, F.cross_entropy, (X, y), spec)
+    ref = rt.OptimizerMap(net, F.cross_entropy, (X, y), spec, hvp="reverse")
+    fwd = rt.OptimizerMap(net, F.cross_entropy, (X, y), spec, hvp="forward")
+    assert (fast.hvp_mode, ref.hvp_mode, fwd.hvp_mode) == ("mlp", "reverse", "forward")
+    assert rt.OptimizerMap(net, F.cross_entropy, (X, y), spec, hvp="mlp").hvp_mode == "mlp"
+    xi = fast.noise_sampler(np.random.default_rng(0))(1)[0]
+    V = np.random.default_rng(1).standard_normal((fast.dim, 4))
+    np.testing.assert_allclose(fast.tangent(fast.x0, xi, V), ref.tangent(ref.x0, xi, V), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(fwd.tangent(fwd.x0, xi, V), ref.tangent(ref.x0, xi, V), rtol=0, atol=1e-14)
+    r_fast = rdsim.lyapunov_spectrum(fast, None, 60, k=5, seed=3)
+    r_ref = rdsim.lyapunov_spectrum(ref, None, 60, k=5, seed=3)
+    np.testing.assert_allclose(r_fast.exponents, r_ref.exponents, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="hvp"):
+        rt.OptimizerMap(net, F.cross_entropy, (X, y), spec, hvp="fast")
+    with pytest.raises(ValueError, match="hvp: 'mlp' needs a chain.*label|hvp: 'mlp' needs a chain"):
+        rt.OptimizerMap(net, lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1), (X, y), spec, hvp="mlp")
+
+
+def test_monitor_uses_the_chain():
+    torch.manual_seed(0)
+    X, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 3, (16,))
+    logs = {}
+    for hvp in ("auto", "reverse"):
+        net = models.MLP(5, 3, width=6, depth=3, activation="relu", seed=2).to(DT)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        mon = rt.TrainingMonitor(net, F.cross_entropy, opt, k=3, measures=(), hvp=hvp)
+        for s in range(12):
+            xb, yb = X[(s % 4) * 4:(s % 4) * 4 + 4], y[(s % 4) * 4:(s % 4) * 4 + 4]
+            opt.zero_grad()
+            F.cross_entropy(net(xb), yb).backward()
+            mon.observe(xb, yb)
+            opt.step()
+        logs[hvp] = mon.lyapunov().exponents
+        assert mon.hvp_mode == ("mlp" if hvp == "auto" else "reverse")
+    np.testing.assert_allclose(logs["auto"], logs["reverse"], rtol=0, atol=1e-12)
