@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from ._data import resolve_device
 
 __all__ = ["FlatModel", "dropout_modules", "check_no_dropout", "grad_hvp_rows", "grad_hvp_auto", "hvp_rows_per_batch",
-           "with_hvp_fallback", "HVP_MODES"]
+           "with_hvp_fallback", "grad_hvp_chain_or_auto", "chain_products", "HVP_MODES", "HVP_CHOICES"]
 
 
 def dropout_modules(model: nn.Module):
@@ -142,18 +142,11 @@ class FlatModel:
         by structure, then checked against :func:`grad_hvp_auto` at that point); if it finds one,
         ``hvp_mode`` becomes "mlp" and the products are written out (:func:`rdsim.torch._mlp.chain_grad_hvp`).
         """
-        if mode is None and self.chain is None and self.try_chain and self.hvp_mode == "reverse":
-            from ._mlp import detect_chain
-            chain, self.chain_reason = detect_chain(
-                self, x, xb, yb, lambda xx, V, a, b: grad_hvp_auto(self, self.loss, xx, V, a, b))
-            self.chain = chain or False
-            if chain and self.hvp_mode == "reverse":
-                self.hvp_mode = "mlp"
-        if (mode or self.hvp_mode) == "mlp":
-            return self._chain_grad_hvp(x, Vx, xb, yb, chunk_size)
-        if mode is not None:
-            return grad_hvp_rows(self.loss, x, Vx, xb, yb, chunk_size, mode)
-        return grad_hvp_auto(self, self.loss, x, Vx, xb, yb, chunk_size)
+        if mode is None:
+            return grad_hvp_chain_or_auto(self, self.loss, self.numels, self.param_shapes, x, Vx, xb, yb, chunk_size)
+        if mode == "mlp":
+            return chain_products(self, x, Vx, xb, yb, chunk_size)
+        return grad_hvp_rows(self.loss, x, Vx, xb, yb, chunk_size, mode)
 
     def set_hvp(self, hvp: str) -> None:
         """Apply a user's ``hvp=`` choice ("auto", "mlp", "reverse", "forward") before the first product."""
@@ -169,20 +162,6 @@ class FlatModel:
             raise ValueError("hvp: 'mlp' needs a chain of Linear layers and elementwise activations ending in "
                              f"mean cross-entropy or MSE; this model and loss are not one ({self.chain_reason}); "
                              "use hvp='auto'")
-
-    def _chain_grad_hvp(self, x, Vx, xb, yb, chunk_size):
-        from ._mlp import chain_grad_hvp
-        if not self.chain:
-            raise ValueError(f"mode: 'mlp' needs a fully connected chain; this model/loss is not one "
-                             f"({self.chain_reason or 'not looked for'})")
-        k = Vx.shape[0]
-        cs = chunk_size or k
-        with torch.no_grad():
-            if cs >= k:
-                return chain_grad_hvp(self.chain, x, Vx, xb, yb)
-            parts = [chain_grad_hvp(self.chain, x, Vx[s:s + cs], xb, yb) for s in range(0, k, cs)]
-        return parts[0][0], torch.cat([p[1] for p in parts]), parts[0][2]
-
 
 HVP_MODES = ("reverse", "forward")
 #: the ``hvp=`` choices of OptimizerMap and TrainingMonitor
@@ -271,8 +250,9 @@ def with_hvp_fallback(owner, compute):
     forward-over-reverse is tried; if it works, ``owner.hvp_mode`` becomes "forward" for good. If
     both fail, the RuntimeError names both reasons. Out-of-memory errors are not retried.
     """
-    if owner.hvp_mode != "reverse":
-        return compute(owner.hvp_mode)
+    current = owner.hvp_mode  # "mlp" owners take reverse for what the chain does not cover
+    if current == "forward":
+        return compute("forward")
     try:
         return compute("reverse")
     except torch.OutOfMemoryError:
@@ -284,10 +264,48 @@ def with_hvp_fallback(owner, compute):
             raise RuntimeError("second derivatives of the loss are not available: reverse-over-reverse "
                                f"(torch.func.vjp over torch.func.grad): {err_rev}; forward-over-reverse "
                                f"(torch.func.jvp over torch.func.grad): {err}") from err
-        owner.hvp_mode = "forward"
+        if current == "reverse":
+            owner.hvp_mode = "forward"
         return out
 
 
 def grad_hvp_auto(owner, loss, x, Vx, xb, yb, chunk_size: int | None = None):
     """:func:`grad_hvp_rows` with ``owner.hvp_mode`` (:func:`with_hvp_fallback`)."""
     return with_hvp_fallback(owner, lambda mode: grad_hvp_rows(loss, x, Vx, xb, yb, chunk_size, mode))
+
+
+def grad_hvp_chain_or_auto(owner, loss, numels, shapes, x, Vx, xb, yb, chunk_size: int | None = None):
+    """(g, H V, loss) with ``owner.hvp_mode``, looking for a fully connected chain on first use.
+
+    ``owner`` (FlatModel, HessianOperator) carries ``hvp_mode``, ``try_chain``, ``chain`` (None: not
+    looked for; False: not a chain) and ``chain_reason``. While ``hvp_mode`` is "reverse" and
+    ``try_chain`` holds, the first call runs :func:`rdsim.torch._mlp.detect_chain` on this batch
+    (structure from a ``make_fx`` trace of ``loss``, then the products checked against
+    :func:`grad_hvp_auto` here); if it finds a chain, ``hvp_mode`` becomes "mlp" and the products
+    are written out (:func:`rdsim.torch._mlp.chain_grad_hvp`), else :func:`grad_hvp_auto`.
+    """
+    if owner.chain is None and owner.try_chain and owner.hvp_mode == "reverse":
+        from ._mlp import detect_chain
+        chain, owner.chain_reason = detect_chain(
+            loss, numels, shapes, x, xb, yb, lambda xx, V, a, b: grad_hvp_auto(owner, loss, xx, V, a, b))
+        owner.chain = chain or False
+        if chain and owner.hvp_mode == "reverse":
+            owner.hvp_mode = "mlp"
+    if owner.hvp_mode == "mlp":
+        return chain_products(owner, x, Vx, xb, yb, chunk_size)
+    return grad_hvp_auto(owner, loss, x, Vx, xb, yb, chunk_size)
+
+
+def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None):
+    """(g, H V, loss) by ``owner.chain``'s written-out products, in chunks of ``chunk_size`` rows."""
+    from ._mlp import chain_grad_hvp
+    if not owner.chain:
+        raise ValueError(f"mode: 'mlp' needs a fully connected chain; this model/loss is not one "
+                         f"({owner.chain_reason or 'not looked for'})")
+    k = Vx.shape[0]
+    cs = chunk_size or k
+    with torch.no_grad():
+        if cs >= k:
+            return chain_grad_hvp(owner.chain, x, Vx, xb, yb)
+        parts = [chain_grad_hvp(owner.chain, x, Vx[s:s + cs], xb, yb) for s in range(0, k, cs)]
+    return parts[0][0], torch.cat([p[1] for p in parts]), parts[0][2]

@@ -10,8 +10,10 @@ Policies:
   ``vmap``), or forward-over-reverse ``jvp(grad(L))(w; v)`` where an operation has no double
   backward (:attr:`HessianOperator.hvp_mode`; one implementation,
   :func:`rdsim.torch._functional.grad_hvp_rows`), in chunks of ``chunk_size`` columns (memory
-  grows linearly with it). Products over per-row batches (``_rows_multi``) stay
-  forward-over-reverse.
+  grows linearly with it). A fully connected chain (Linear layers and elementwise activations,
+  mean cross-entropy or MSE) has them written out instead (``hvp_mode == "mlp"``,
+  :mod:`rdsim.torch._mlp`, recognised and checked on the first batch). Products over per-row
+  batches (``_rows_multi``) use torch.func.
 * Over several batches the loss is the sample-weighted mean: H = sum_b (n_b / N) H_b, for a
   ``loss_fn`` that returns the mean over its batch.
 * BatchNorm in train mode is refused: there the loss of a sample depends on the whole minibatch
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from ._data import as_pair, check_finite_data, resolve_device
-from ._functional import grad_hvp_auto, hvp_rows_per_batch, with_hvp_fallback
+from ._functional import grad_hvp_chain_or_auto, hvp_rows_per_batch, with_hvp_fallback
 
 __all__ = ["HessianOperator", "LanczosResult", "SpectralDensity", "dense_hessian", "hessian_eigenvalues",
            "hutchinson_trace", "hutchpp_trace", "lanczos", "lanczos_lockstep", "slq"]
@@ -145,8 +147,10 @@ class HessianOperator:
         self.batches = self._load_batches(data)
         self.n_samples = sum(int(b[0].shape[0]) for b in self.batches)
         self.n_hvp = 0
-        #: "reverse" (reverse-over-reverse HVPs) or "forward" where an operation has no double backward
+        #: "mlp" (written out for a fully connected chain, :mod:`rdsim.torch._mlp`), "reverse"
+        #: (reverse-over-reverse HVPs) or "forward" where an operation has no double backward
         self.hvp_mode = "reverse"
+        self.try_chain, self.chain, self.chain_reason = True, None, ""
         self._probe()
 
     # -- construction helpers --------------------------------------------------------------------
@@ -218,8 +222,9 @@ class HessianOperator:
 
     # -- products --------------------------------------------------------------------------------
     def _hvp_batch(self, V: torch.Tensor, X, y) -> torch.Tensor:
-        """H_b V for a (k, n) block of rows V (:func:`rdsim.torch._functional.grad_hvp_auto`, in chunks)."""
-        return grad_hvp_auto(self, self.loss_at, self.w, V, X, y, self.chunk_size)[1]
+        """H_b V for a (k, n) block of rows V (:func:`rdsim.torch._functional.grad_hvp_chain_or_auto`, in chunks)."""
+        return grad_hvp_chain_or_auto(self, self.loss_at, self._numels, self.param_shapes, self.w, V, X, y,
+                                      self.chunk_size)[1]
 
     def _rows_multi(self, V: torch.Tensor, Xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """Row r of V times the Hessian on batch (Xs[r], ys[r]) (equal-size batches), vmapped jointly."""

@@ -336,17 +336,18 @@ def chain_grad_hvp(chain: Chain, x, V, xb, yb):
     return g, HV, loss
 
 
-def detect_chain(fm, x, xb, yb, reference):
-    """(Chain or None, reason): the chain of ``fm``'s loss if it is one and the written-out products
-    agree with ``reference(x, V, xb, yb) -> (g, HV, loss)`` (the generic path) at this point."""
+def detect_chain(loss, numels, shapes, x, xb, yb, reference):
+    """(Chain or None, reason): the chain of ``loss(x, xb, yb)`` (x flat, split as ``numels`` and
+    viewed as ``shapes``) if it is one and the written-out products agree with
+    ``reference(x, V, xb, yb) -> (g, HV, loss)`` (the generic path) at this point."""
     from torch.fx.experimental.proxy_tensor import make_fx
     if xb.dim() < 2 or not x.is_floating_point():
         return None, "inputs are not a batch of vectors"
-    if yb.is_floating_point() is False and yb.dim() != 1:
+    if not yb.is_floating_point() and yb.dim() != 1:
         return None, "class targets are not a vector"
     try:
-        gm = make_fx(lambda a, b, c: fm.loss(a, b, c))(x.detach(), xb, yb)
-        chain = _parse(gm.graph, fm.numels, fm.param_shapes, xb.shape[0])
+        gm = make_fx(lambda a, b, c: loss(a, b, c))(x.detach(), xb, yb)
+        chain = _parse(gm.graph, numels, shapes, xb.shape[0])
     except _NoChain as why:
         return None, str(why)
     except Exception as err:  # noqa: BLE001 - a model that cannot be traced is not a chain
