@@ -86,9 +86,11 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
     print(f"(a) SGD on an MLP 64-128-128-10 (tanh), {n_params:,} parameters, batch {b}, float32, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; QR: Cholesky QR (float64 Gram and factor)")
     print("    lyapunov_spectrum per step / plain torch.optim.SGD step (200 steps), measured side by side: per row")
-    print(f"    {repeats} interleaved rounds of (plain, eager short and long run, compiled short and long run), best")
-    print("    of each; 'ms' = marginal per-step cost from the two run lengths (no set-up), 'e2e' = end to end")
-    hdr = f"    {'k':>3s} {'plain ms':>9s} {'eager ms':>9s} {'eager x':>8s} {'e2e x':>6s}"
+    print(f"    {repeats} interleaved rounds of (plain, eager short and long run, the same with hvp='reverse', compiled")
+    print("    short and long run), best of each; 'ms' = marginal per-step cost from the two run lengths (no set-up),")
+    print(f"    'e2e' = end to end; eager uses hvp_mode {rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec).hvp_mode!r}, "
+          "'reverse x' the same loop with hvp='reverse'")
+    hdr = f"    {'k':>3s} {'plain ms':>9s} {'eager ms':>9s} {'eager x':>8s} {'e2e x':>6s} {'reverse x':>10s}"
     if compiled:
         hdr += f" {'compiled ms':>12s} {'compiled x':>11s} {'compile s':>10s}"
     print(hdr)
@@ -96,7 +98,7 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
     for k in ks:
         eager = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
         rdsim.lyapunov_spectrum(eager, None, 2, k=k)
-        runs = {"eager": eager}
+        runs = {"eager": eager, "reverse": rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, hvp="reverse")}
         if compiled:
             comp = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, compile=True)
             t0 = time.perf_counter()
@@ -110,8 +112,9 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
         t_plain = best["plain"] / n_plain
         marg = {name: (best[f"{name} {n_long}"] - best[f"{name} {n_short}"]) / (n_long - n_short) for name in runs}
         e2e_e = best[f"eager {n_long}"] / n_long
-        row = f"    {k:3d} {t_plain * 1e3:9.2f} {marg['eager'] * 1e3:9.2f} {marg['eager'] / t_plain:8.1f} {e2e_e / t_plain:6.1f}"
-        out[k] = {"plain": t_plain, "eager": marg["eager"]}
+        row = (f"    {k:3d} {t_plain * 1e3:9.2f} {marg['eager'] * 1e3:9.2f} {marg['eager'] / t_plain:8.1f} "
+               f"{e2e_e / t_plain:6.1f} {marg['reverse'] / t_plain:10.1f}")
+        out[k] = {"plain": t_plain, "eager": marg["eager"], "reverse": marg["reverse"]}
         if compiled:
             m_c = marg["compiled"]
             row += f" {m_c * 1e3:12.2f} {m_c / t_plain:11.1f} {t_compile:10.1f}"
