@@ -186,3 +186,18 @@ def test_monitor_uses_the_chain():
         logs[hvp] = mon.lyapunov().exponents
         assert mon.hvp_mode == ("mlp" if hvp == "auto" else "reverse")
     np.testing.assert_allclose(logs["auto"], logs["reverse"], rtol=0, atol=1e-12)
+
+
+def test_hessian_operator_uses_the_chain():
+    torch.manual_seed(0)
+    X, y = torch.randn(20, 5, dtype=DT), torch.randint(0, 3, (20,))
+    net = models.MLP(5, 3, width=6, depth=3, activation="tanh", seed=2).to(DT)
+    H = rt.HessianOperator(net, F.cross_entropy, [(X[:12], y[:12]), (X[12:], y[12:])], dtype=DT)
+    ref = rt.HessianOperator(net, F.cross_entropy, [(X[:12], y[:12]), (X[12:], y[12:])], dtype=DT)
+    ref.try_chain = False
+    torch.testing.assert_close(H.dense(), ref.dense(), rtol=0, atol=1e-14)
+    assert H.hvp_mode == "mlp" and ref.hvp_mode == "reverse"
+    fresh = rt.HessianOperator(net, F.cross_entropy, (X, y), dtype=DT)
+    sub = fresh.on_batch(X[:7], y[:7])  # the parent looks for the chain once; copies share it
+    assert fresh.hvp_mode == sub.hvp_mode == "mlp" and sub.chain is fresh.chain
+    torch.testing.assert_close(sub.dense(), ref.on_batch(X[:7], y[:7]).dense(), rtol=0, atol=1e-14)

@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from ._data import resolve_device
 
 __all__ = ["FlatModel", "dropout_modules", "check_no_dropout", "grad_hvp_rows", "grad_hvp_auto", "hvp_rows_per_batch",
-           "with_hvp_fallback", "grad_hvp_chain_or_auto", "chain_products", "HVP_MODES", "HVP_CHOICES"]
+           "with_hvp_fallback", "grad_hvp_chain_or_auto", "ensure_chain", "chain_products", "HVP_MODES", "HVP_CHOICES"]
 
 
 def dropout_modules(model: nn.Module):
@@ -284,6 +284,15 @@ def grad_hvp_chain_or_auto(owner, loss, numels, shapes, x, Vx, xb, yb, chunk_siz
     :func:`grad_hvp_auto` here); if it finds a chain, ``hvp_mode`` becomes "mlp" and the products
     are written out (:func:`rdsim.torch._mlp.chain_grad_hvp`), else :func:`grad_hvp_auto`.
     """
+    ensure_chain(owner, loss, numels, shapes, x, xb, yb)
+    if owner.hvp_mode == "mlp":
+        return chain_products(owner, x, Vx, xb, yb, chunk_size)
+    return grad_hvp_auto(owner, loss, x, Vx, xb, yb, chunk_size)
+
+
+def ensure_chain(owner, loss, numels, shapes, x, xb, yb) -> None:
+    """Look for ``owner``'s fully connected chain on the batch (xb, yb) unless done (see
+    :func:`grad_hvp_chain_or_auto`); sets ``owner.chain``, ``chain_reason`` and ``hvp_mode``."""
     if owner.chain is None and owner.try_chain and owner.hvp_mode == "reverse":
         from ._mlp import detect_chain
         chain, owner.chain_reason = detect_chain(
@@ -291,9 +300,6 @@ def grad_hvp_chain_or_auto(owner, loss, numels, shapes, x, Vx, xb, yb, chunk_siz
         owner.chain = chain or False
         if chain and owner.hvp_mode == "reverse":
             owner.hvp_mode = "mlp"
-    if owner.hvp_mode == "mlp":
-        return chain_products(owner, x, Vx, xb, yb, chunk_size)
-    return grad_hvp_auto(owner, loss, x, Vx, xb, yb, chunk_size)
 
 
 def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None):

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from ._data import as_pair, check_finite_data, resolve_device
-from ._functional import grad_hvp_chain_or_auto, hvp_rows_per_batch, with_hvp_fallback
+from ._functional import ensure_chain, grad_hvp_chain_or_auto, hvp_rows_per_batch, with_hvp_fallback
 
 __all__ = ["HessianOperator", "LanczosResult", "SpectralDensity", "dense_hessian", "hessian_eigenvalues",
            "hutchinson_trace", "hutchpp_trace", "lanczos", "lanczos_lockstep", "slq"]
@@ -259,8 +259,11 @@ class HessianOperator:
 
     def on_batch(self, inputs, targets) -> "HessianOperator":
         """The Hessian of the loss on another batch at the same point (shares model and casts)."""
+        batches = self._load_batches((inputs, targets))
+        # look for the chain once, on the parent, so that every per-batch copy shares it
+        ensure_chain(self, self.loss_at, self._numels, self.param_shapes, self.w, *batches[0])
         new = copy.copy(self)
-        new.batches = self._load_batches((inputs, targets))
+        new.batches = batches
         new.n_samples = int(new.batches[0][0].shape[0])
         new.n_hvp = 0
         return new
