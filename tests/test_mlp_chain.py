@@ -201,3 +201,35 @@ def test_hessian_operator_uses_the_chain():
     sub = fresh.on_batch(X[:7], y[:7])  # the parent looks for the chain once; copies share it
     assert fresh.hvp_mode == sub.hvp_mode == "mlp" and sub.chain is fresh.chain
     torch.testing.assert_close(sub.dense(), ref.on_batch(X[:7], y[:7]).dense(), rtol=0, atol=1e-14)
+
+
+def test_chain_structure_is_cached_per_model_and_rechecked():
+    from rdsim.torch import _functional as fmod
+    torch.manual_seed(0)
+    X, y = torch.randn(12, 5, dtype=DT), torch.randint(0, 3, (12,))
+    net = models.MLP(5, 3, width=6, depth=3, activation="tanh", seed=2).to(DT)
+    first = rt.HessianOperator(net, F.cross_entropy, (X, y), dtype=DT)
+    first @ torch.randn(first.n_params, 2, dtype=DT)
+    assert first.hvp_mode == "mlp" and len(fmod._CHAINS[net]) == 1
+    calls = []
+    import rdsim.torch._mlp as mlp
+    orig = mlp.detect_chain
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return orig(*a, **kw)
+
+    mlp.detect_chain = counting
+    try:
+        again = rt.HessianOperator(net, F.cross_entropy, (X, y), dtype=DT)
+        again @ torch.randn(again.n_params, 2, dtype=DT)
+        assert again.hvp_mode == "mlp" and not calls and again.chain is not first.chain  # reused, own workspace
+        # the same module changed in place: the cached structure fails its numerical re-check and is traced again
+        net._act = torch.sigmoid
+        changed = rt.HessianOperator(net, F.cross_entropy, (X, y), dtype=DT)
+        H = changed.dense()
+        assert calls and changed.hvp_mode == "mlp" and changed.chain.acts == (("sigmoid", None),) * 2
+        ref = torch.autograd.functional.hessian(lambda w: changed.loss_at(w, X, y), changed.w)
+        torch.testing.assert_close(H, ref, rtol=0, atol=1e-13)
+    finally:
+        mlp.detect_chain = orig

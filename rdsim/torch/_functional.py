@@ -15,6 +15,7 @@ Dropout in train mode is refused by the callers (:func:`dropout_modules`).
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -290,16 +291,56 @@ def grad_hvp_chain_or_auto(owner, loss, numels, shapes, x, Vx, xb, yb, chunk_siz
     return grad_hvp_auto(owner, loss, x, Vx, xb, yb, chunk_size)
 
 
+#: chains found so far, per model: {model: {(loss_fn, layout, repr, batch kind): Chain or reason}}
+_CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _chain_key(owner, numels, shapes, x, xb, yb):
+    model, loss_fn = getattr(owner, "model", None), getattr(owner, "loss_fn", None)
+    if model is None or loss_fn is None:
+        return None, None
+    return model, (loss_fn, tuple(numels), tuple(map(tuple, shapes)), repr(model), x.dtype, str(x.device),
+                   tuple(xb.shape[1:]), yb.dtype, yb.dim())
+
+
 def ensure_chain(owner, loss, numels, shapes, x, xb, yb) -> None:
     """Look for ``owner``'s fully connected chain on the batch (xb, yb) unless done (see
-    :func:`grad_hvp_chain_or_auto`); sets ``owner.chain``, ``chain_reason`` and ``hvp_mode``."""
-    if owner.chain is None and owner.try_chain and owner.hvp_mode == "reverse":
-        from ._mlp import detect_chain
-        chain, owner.chain_reason = detect_chain(
-            loss, numels, shapes, x, xb, yb, lambda xx, V, a, b: grad_hvp_auto(owner, loss, xx, V, a, b))
-        owner.chain = chain or False
-        if chain and owner.hvp_mode == "reverse":
-            owner.hvp_mode = "mlp"
+    :func:`grad_hvp_chain_or_auto`); sets ``owner.chain``, ``chain_reason`` and ``hvp_mode``.
+
+    The trace (~20-40 ms) is done once per (model, loss_fn, layout, printed structure, batch kind):
+    a later owner of the same model (a TrainingMonitor's measures build a HessianOperator each
+    time) reuses the structure with a fresh workspace after re-checking its products numerically
+    at its own point, and traces again if that check fails.
+    """
+    if owner.chain is not None or not owner.try_chain or owner.hvp_mode != "reverse":
+        return
+    import dataclasses
+
+    from ._mlp import Chain, check_chain, detect_chain
+
+    def reference(xx, V, a, b):
+        return grad_hvp_auto(owner, loss, xx, V, a, b)
+
+    model, key = _chain_key(owner, numels, shapes, x, xb, yb)
+    try:
+        known = _CHAINS.get(model, {}).get(key) if model is not None else None
+    except TypeError:  # an unhashable loss function or model: no cache
+        model = known = None
+    chain, reason = None, None
+    if isinstance(known, Chain):
+        chain = dataclasses.replace(known, ws={})
+        reason = check_chain(chain, x, xb, yb, reference) or "chain"
+        if reason != "chain":
+            chain = None
+    elif isinstance(known, str):
+        reason = known
+    if reason is None or (chain is None and isinstance(known, Chain)):
+        chain, reason = detect_chain(loss, numels, shapes, x, xb, yb, reference)
+        if model is not None:
+            _CHAINS.setdefault(model, {})[key] = chain if chain else reason
+    owner.chain, owner.chain_reason = chain or False, reason
+    if chain and owner.hvp_mode == "reverse":
+        owner.hvp_mode = "mlp"
 
 
 def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None):

@@ -336,10 +336,32 @@ def chain_grad_hvp(chain: Chain, x, V, xb, yb):
     return g, HV, loss
 
 
+def check_chain(chain: Chain, x, xb, yb, reference) -> str:
+    """"" when the written-out (g, HV, loss) agree with ``reference(x, V, xb, yb)`` (the generic
+    path) at x for two random rows V, to 1e3 eps of their size; else the reason they do not."""
+    if chain.loss == "cross_entropy" and (yb.is_floating_point() or yb.dim() != 1):
+        return "cross-entropy with probability targets"
+    if chain.loss == "mse" and not yb.is_floating_point():
+        return "mse with integer targets"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    V = torch.randn(2, x.numel(), generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    try:
+        with torch.no_grad():
+            mine = chain_grad_hvp(chain, x.detach(), V, xb, yb)
+        ref = reference(x.detach(), V, xb, yb)
+    except Exception as err:  # noqa: BLE001 - any failure means: use the generic path
+        return f"check failed: {type(err).__name__}: {err}"
+    tol = 1e3 * torch.finfo(x.dtype).eps
+    for a, b in zip(mine, ref):
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        if not (torch.isfinite(a).all() and float((a - b).abs().max()) <= tol * max(scale, 1e-30)):
+            return "the written-out products disagree with torch.func"
+    return ""
+
+
 def detect_chain(loss, numels, shapes, x, xb, yb, reference):
     """(Chain or None, reason): the chain of ``loss(x, xb, yb)`` (x flat, split as ``numels`` and
-    viewed as ``shapes``) if it is one and the written-out products agree with
-    ``reference(x, V, xb, yb) -> (g, HV, loss)`` (the generic path) at this point."""
+    viewed as ``shapes``) if it is one and :func:`check_chain` passes at this point."""
     from torch.fx.experimental.proxy_tensor import make_fx
     if xb.dim() < 2 or not x.is_floating_point():
         return None, "inputs are not a batch of vectors"
@@ -352,19 +374,5 @@ def detect_chain(loss, numels, shapes, x, xb, yb, reference):
         return None, str(why)
     except Exception as err:  # noqa: BLE001 - a model that cannot be traced is not a chain
         return None, f"tracing failed: {type(err).__name__}"
-    if chain.loss == "cross_entropy" and (yb.is_floating_point() or yb.dim() != 1):
-        return None, "cross-entropy with probability targets"
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    V = torch.randn(2, x.numel(), generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
-    try:
-        with torch.no_grad():
-            mine = chain_grad_hvp(chain, x.detach(), V, xb, yb)
-        ref = reference(x.detach(), V, xb, yb)
-    except Exception as err:  # noqa: BLE001 - any failure means: use the generic path
-        return None, f"check failed: {type(err).__name__}: {err}"
-    tol = 1e3 * torch.finfo(x.dtype).eps
-    for a, b in zip(mine, ref):
-        scale = float(b.abs().max()) if b.numel() else 0.0
-        if not (torch.isfinite(a).all() and float((a - b).abs().max()) <= tol * max(scale, 1e-30)):
-            return None, "the written-out products disagree with torch.func"
-    return chain, "chain"
+    why = check_chain(chain, x, xb, yb, reference)
+    return (None, why) if why else (chain, "chain")
