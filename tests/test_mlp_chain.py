@@ -97,7 +97,7 @@ class _Branch(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["softplus", "label_smoothing", "residual", "tied", "branch", "batchnorm",
-                                  "frozen", "squeeze_mse"])
+                                  "frozen", "sum_mse"])
 def test_non_chains_use_torch_func(case):
     torch.manual_seed(0)
     X, yc = torch.randn(10, 6, dtype=DT), torch.randint(0, 3, (10,))
@@ -119,7 +119,7 @@ def test_non_chains_use_torch_func(case):
         params = [net.layers[1].weight]
     else:
         net = models.MLP(6, 1, width=4, depth=2).to(DT)
-        loss, y = (lambda o, t: F.mse_loss(o.squeeze(-1), t)), torch.randn(10, dtype=DT)
+        loss, y = (lambda o, t: F.mse_loss(o.squeeze(-1), t, reduction="sum")), torch.randn(10, dtype=DT)
     fm = FlatModel(net, loss, params=params)
     x = fm.flat()
     V = torch.randn(2, fm.n_params, dtype=DT)
@@ -233,3 +233,22 @@ def test_chain_structure_is_cached_per_model_and_rechecked():
         torch.testing.assert_close(H, ref, rtol=0, atol=1e-13)
     finally:
         mlp.detect_chain = orig
+
+
+@pytest.mark.parametrize("form", ["pow_mean", "squeeze_half", "sum_rows_half", "square_mean"])
+def test_written_out_squared_errors(form):
+    torch.manual_seed(0)
+    X = torch.randn(10, 6, dtype=DT)
+    out_dim = 1 if form == "squeeze_half" else 3
+    net = models.MLP(6, out_dim, width=4, depth=3, activation="tanh", seed=3).to(DT)
+    if form == "pow_mean":
+        loss, y = (lambda o, t: ((o - t) ** 2).mean()), torch.randn(10, 3, dtype=DT)
+    elif form == "squeeze_half":
+        loss, y = (lambda o, t: 0.5 * ((o.squeeze(-1) - t) ** 2).mean()), torch.randn(10, dtype=DT)
+    elif form == "sum_rows_half":
+        loss, y = (lambda o, t: 0.5 * ((o - t) ** 2).sum(-1).mean()), torch.randn(10, 3, dtype=DT)
+    else:
+        loss, y = (lambda o, t: (o - t).square().mean()), torch.randn(10, 3, dtype=DT)
+    fm = FlatModel(net, loss)
+    _dense_check(fm, X, y)
+    assert fm.hvp_mode == "mlp", fm.chain_reason

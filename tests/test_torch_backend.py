@@ -652,7 +652,8 @@ def test_hvp_schemes_agree_and_fall_back(monkeypatch):
 
     # an operation without a double backward (simulated): forward-over-reverse from then on, same tangents
     net2 = models.MLP(3, 1, width=4, depth=1, activation="tanh", seed=1).to(DT)
-    ref = rt.OptimizerMap(net2, mse2, (Xr, yr), optim.sgd(0.1, 5))
+    # (hvp="reverse": net2 with mse2 is a fully connected chain, whose products would be written out)
+    ref = rt.OptimizerMap(net2, mse2, (Xr, yr), optim.sgd(0.1, 5), hvp="reverse")
     import rdsim.torch._functional as fmod
     real = fmod.grad_hvp_rows
 
@@ -662,7 +663,7 @@ def test_hvp_schemes_agree_and_fall_back(monkeypatch):
         return real(loss, x, Vx, xb, yb, chunk_size, mode)
 
     monkeypatch.setattr(fmod, "grad_hvp_rows", no_double_backward)
-    fwd = rt.OptimizerMap(net2, mse2, (Xr, yr), optim.sgd(0.1, 5))
+    fwd = rt.OptimizerMap(net2, mse2, (Xr, yr), optim.sgd(0.1, 5), hvp="reverse")
     assert fwd.hvp_mode == "forward" and ref.hvp_mode == "reverse"
     xi = fwd.noise_sampler(np.random.default_rng(0))(1)[0]
     Vt = np.random.default_rng(1).standard_normal((fwd.dim, 3))

@@ -47,7 +47,9 @@ _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 class Chain:
     """A recognised chain: per layer (weight index, bias index or None) into the flat layout's
     parameter list, the activation after each hidden layer ((name, slope) or None), the loss
-    ("cross_entropy" with its ignore_index, or "mse"), and whether the input is flattened."""
+    ("cross_entropy" with its ignore_index; "mse", the mean over all entries of the squared error,
+    as ``F.mse_loss`` or ``((out - t) ** 2).mean()``, possibly of ``out.squeeze(-1)``; "sse_rows",
+    ``((out - t) ** 2).sum(-1).mean()``), and whether the input is flattened."""
     layers: tuple
     acts: tuple
     loss: str
@@ -57,6 +59,14 @@ class Chain:
     offsets: tuple  # (start, stop) of each parameter in the flat vector
     shapes: tuple
     ws: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # scratch buffers
+
+
+_SQUEEZES = (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+
+
+def _is_output(node, last_lin, h, kind) -> bool:
+    """Whether ``node`` is the network's output (the last linear layer, or a view of it)."""
+    return (node is last_lin and h is last_lin) or kind.get(node) == ("zview",)
 
 
 def _fail(why):
@@ -167,7 +177,23 @@ def _parse(graph, numels, shapes, batch):
                 _fail("class weights or a reduction other than the mean")
             loss, ignore_index = "cross_entropy", int(args[4])
             kind[n] = ("nll",)
-        elif f is aten.mse_loss.default and args[0] is last_lin and h is last_lin and kind.get(args[1]) == ("target",):
+        elif (f in _VIEWS or f in _SQUEEZES) and args[0] is last_lin and h is last_lin:
+            kind[n] = ("zview",)  # e.g. out.squeeze(-1) before a squared error
+        elif f is aten.sub.Tensor and _is_output(args[0], last_lin, h, kind) and kind.get(args[1]) == ("target",):
+            if tuple(args[0].meta["val"].shape) != tuple(args[1].meta["val"].shape):
+                _fail("a residual with broadcast targets")
+            kind[n] = ("resid",)
+        elif (f is aten.pow.Tensor_Scalar and kind.get(args[0]) == ("resid",) and args[1] == 2) or \
+                (f is aten.mul.Tensor and kind.get(args[0]) == ("resid",) and args[1] is args[0]):
+            kind[n] = ("sq",)
+        elif f is aten.sum.dim_IntList and kind.get(args[0]) == ("sq",) and args[0].meta["val"].dim() == 2 \
+                and list(args[1]) in ([-1], [1]) and (len(args) < 3 or not args[2]):
+            kind[n] = ("sqsum",)
+        elif f is aten.mean.default and kind.get(args[0], ("",))[0] in ("sq", "sqsum") and loss is None:
+            loss = "mse" if kind[args[0]] == ("sq",) else "sse_rows"
+            kind[n] = ("loss",)
+            loss_node = n
+        elif f is aten.mse_loss.default and _is_output(args[0], last_lin, h, kind) and kind.get(args[1]) == ("target",):
             if len(args) > 2 and args[2] != 1:
                 _fail("mse_loss with a reduction other than the mean")
             if tuple(args[0].meta["val"].shape) != tuple(args[1].meta["val"].shape):
@@ -179,7 +205,8 @@ def _parse(graph, numels, shapes, batch):
             _fail(f"operation {f}")
     for n, d in kind.items():
         # every intermediate has exactly one user (no residual branches, no reuse)
-        if d[0] in ("lin", "act", "logp", "wt", "loss", "nll", "param", "chunk") and len(n.users) != 1 \
+        if d[0] in ("lin", "act", "logp", "wt", "loss", "nll", "param", "chunk", "zview", "resid", "sq", "sqsum") \
+                and len(n.users) != 1 \
                 and not (d[0] == "nll" and len(n.users) == 2) and not (d[0] == "loss" and n is loss_node):
             _fail("an intermediate with several uses")
     if not layers or loss is None or any(u != 1 for u in used):
@@ -292,10 +319,10 @@ def chain_grad_hvp(chain: Chain, x, V, xb, yb):
         delta *= scale
         ddot = torch.mul(zdot, p.unsqueeze(1), out=ws["ddot"])
         ddot.addcmul_(p.unsqueeze(1), ddot.sum(2, keepdim=True), value=-1.0).mul_(scale.unsqueeze(1))
-    else:
-        r = z - yb
-        c = 2.0 / r.numel()
-        loss = r.square().mean()
+    else:  # mean squared error over all entries ("mse") or summed over outputs, mean over rows
+        r = (z.reshape(yb.shape) - yb).reshape(z.shape)
+        c = 2.0 / (r.shape[0] if chain.loss == "sse_rows" else r.numel())
+        loss = r.square().sum() * (0.5 * c)
         delta = c * r
         ddot = torch.mul(zdot, c, out=ws["ddot"])
     if chain.scale != 1.0:
@@ -341,8 +368,8 @@ def check_chain(chain: Chain, x, xb, yb, reference) -> str:
     path) at x for two random rows V, to 1e3 eps of their size; else the reason they do not."""
     if chain.loss == "cross_entropy" and (yb.is_floating_point() or yb.dim() != 1):
         return "cross-entropy with probability targets"
-    if chain.loss == "mse" and not yb.is_floating_point():
-        return "mse with integer targets"
+    if chain.loss != "cross_entropy" and not yb.is_floating_point():
+        return "a squared error with integer targets"
     gen = torch.Generator(device="cpu").manual_seed(0)
     V = torch.randn(2, x.numel(), generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
     try:
