@@ -252,3 +252,11 @@ def test_written_out_squared_errors(form):
     fm = FlatModel(net, loss)
     _dense_check(fm, X, y)
     assert fm.hvp_mode == "mlp", fm.chain_reason
+
+
+def test_low_precision_is_not_written_out():
+    net = models.MLP(5, 3, width=4, depth=2, seed=0).to(torch.bfloat16)
+    fm = FlatModel(net, F.cross_entropy)
+    X, y = torch.randn(6, 5, dtype=torch.bfloat16), torch.randint(0, 3, (6,))
+    fm.grad_hvp(fm.flat(), torch.randn(2, fm.n_params, dtype=torch.bfloat16), X, y)
+    assert fm.hvp_mode == "reverse" and "bfloat16" in fm.chain_reason

@@ -390,7 +390,9 @@ def detect_chain(loss, numels, shapes, x, xb, yb, reference):
     """(Chain or None, reason): the chain of ``loss(x, xb, yb)`` (x flat, split as ``numels`` and
     viewed as ``shapes``) if it is one and :func:`check_chain` passes at this point."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    if xb.dim() < 2 or not x.is_floating_point():
+    if x.dtype not in (torch.float32, torch.float64):
+        return None, f"parameters in {x.dtype} (the check against torch.func needs float32 or float64)"
+    if xb.dim() < 2:
         return None, "inputs are not a batch of vectors"
     if not yb.is_floating_point() and yb.dim() != 1:
         return None, "class targets are not a vector"
