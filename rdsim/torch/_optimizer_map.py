@@ -25,7 +25,7 @@ from .._systems import AbstractSystem
 from ..optim import OptimizerSpec, noise_sampler
 from . import _update as _upd
 from ._data import as_pair, check_finite_data
-from ._functional import FlatModel, check_no_dropout
+from ._functional import FlatModel, _quiet_jit_script, check_no_dropout
 from ._hessian import lanczos
 from ._qr import cholqr_rows, householder_rows
 
@@ -422,7 +422,8 @@ class OptimizerMap(AbstractSystem):
         """(f(z), Df(z) V, loss); through ``torch.compile`` when the map was built with compile=True."""
         if self._compiled is not None:
             try:
-                out = self._compiled(z, Vt, xb, yb, torch.as_tensor(float(t), dtype=torch.float64, device=self.device))
+                with _quiet_jit_script():  # outside the compiled region: no graph break
+                    out = self._compiled(z, Vt, xb, yb, torch.as_tensor(float(t), dtype=torch.float64, device=self.device))
             except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
                 self._compile_failed(err)
             else:
