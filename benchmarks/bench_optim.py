@@ -39,13 +39,6 @@ def best_of(fn, repeats=3):
     return best
 
 
-def _marginal(fn_run, n_short, n_long, repeats=2):
-    """(per-step seconds from the difference of two run lengths, end-to-end per-step seconds of the long run)."""
-    t_short = best_of(lambda: fn_run(n_short), repeats)
-    t_long = best_of(lambda: fn_run(n_long), repeats)
-    return (t_long - t_short) / (n_long - n_short), t_long / n_long
-
-
 def _interleaved(fns, repeats):
     """Best time of each callable over ``repeats`` interleaved rounds (every round runs each once, in
     turn), so that numerator and denominator of a ratio see the same state of a shared machine."""
@@ -131,11 +124,15 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
 
     k = 16
     if k in ks:
-        looped = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, chunk_size=1)
-        rdsim.lyapunov_spectrum(looped, None, 2, k=k)
-        t_loop, _ = _marginal(lambda m: rdsim.lyapunov_spectrum(looped, None, m, k=k), 4, 16)
-        print(f"(b) k = 16: batched {out[16]['eager'] * 1e3:.1f} ms/step, Python loop over tangents "
-              f"{t_loop * 1e3:.1f} ms/step: batched is {t_loop / out[16]['eager']:.2f}x faster")
+        print("(b) k = 16, batched block vs a Python loop over the tangents (chunk_size=1), same HVP scheme,")
+        print("    interleaved rounds, marginal ms/step:")
+        for hvp in ("auto", "reverse"):
+            maps = {c: rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec, chunk_size=c, hvp=hvp) for c in (None, 1)}
+            best = _interleaved({f"{c} {m}": (lambda s=s, m=m: rdsim.lyapunov_spectrum(s, None, m, k=k))
+                                 for c, s in maps.items() for m in (10, 40)}, repeats)
+            t = {c: (best[f"{c} 40"] - best[f"{c} 10"]) / 30 for c in maps}
+            print(f"    hvp={hvp!r} ({maps[None].hvp_mode}): batched {t[None] * 1e3:.1f}, loop {t[1] * 1e3:.1f}: "
+                  f"batched is {t[1] / t[None]:.2f}x faster")
     hvp_schemes(model, loss_fn, X, y, spec, ks)
     floor_part(model, loss_fn, X, y, spec, ks, plain, n_plain)
     return out
