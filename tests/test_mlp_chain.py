@@ -212,14 +212,13 @@ def test_chain_structure_is_cached_per_model_and_rechecked():
     first @ torch.randn(first.n_params, 2, dtype=DT)
     assert first.hvp_mode == "mlp" and len(fmod._CHAINS[net]) == 1
     calls = []
-    import rdsim.torch._mlp as mlp
-    orig = mlp.detect_chain
+    orig = fmod.detect_chain
 
     def counting(*a, **kw):
         calls.append(1)
         return orig(*a, **kw)
 
-    mlp.detect_chain = counting
+    fmod.detect_chain = counting
     try:
         again = rt.HessianOperator(net, F.cross_entropy, (X, y), dtype=DT)
         again @ torch.randn(again.n_params, 2, dtype=DT)
@@ -232,7 +231,7 @@ def test_chain_structure_is_cached_per_model_and_rechecked():
         ref = torch.autograd.functional.hessian(lambda w: changed.loss_at(w, X, y), changed.w)
         torch.testing.assert_close(H, ref, rtol=0, atol=1e-13)
     finally:
-        mlp.detect_chain = orig
+        fmod.detect_chain = orig
 
 
 @pytest.mark.parametrize("form", ["pow_mean", "squeeze_half", "sum_rows_half", "square_mean"])

@@ -15,6 +15,7 @@ Dropout in train mode is refused by the callers (:func:`dropout_modules`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from ._data import resolve_device
+from ._mlp import chain_grad_hvp, check_chain, detect_chain
 
 __all__ = ["FlatModel", "dropout_modules", "check_no_dropout", "grad_hvp_rows", "grad_hvp_auto", "hvp_rows_per_batch",
            "with_hvp_fallback", "grad_hvp_chain_or_auto", "ensure_chain", "chain_products", "HVP_MODES", "HVP_CHOICES"]
@@ -307,10 +309,9 @@ _CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _chain_key(owner, numels, shapes, x, xb, yb):
-    model, loss_fn = getattr(owner, "model", None), getattr(owner, "loss_fn", None)
-    if model is None or loss_fn is None:
-        return None, None
-    return model, (loss_fn, tuple(numels), tuple(map(tuple, shapes)), repr(model), x.dtype, str(x.device),
+    """(model, key) of :data:`_CHAINS` for ``owner`` (FlatModel or HessianOperator) on this batch."""
+    model = owner.model
+    return model, (owner.loss_fn, tuple(numels), tuple(map(tuple, shapes)), repr(model), x.dtype, str(x.device),
                    tuple(xb.shape[1:]), yb.dtype, yb.dim())
 
 
@@ -325,38 +326,34 @@ def ensure_chain(owner, loss, numels, shapes, x, xb, yb) -> None:
     """
     if owner.chain is not None or not owner.try_chain or owner.hvp_mode != "reverse":
         return
-    import dataclasses
-
-    from ._mlp import Chain, check_chain, detect_chain
 
     def reference(xx, V, a, b):
         return grad_hvp_auto(owner, loss, xx, V, a, b)
 
     model, key = _chain_key(owner, numels, shapes, x, xb, yb)
     try:
-        known = _CHAINS.get(model, {}).get(key) if model is not None else None
-    except TypeError:  # an unhashable loss function or model: no cache
+        known = _CHAINS.get(model, {}).get(key)
+    except TypeError:  # an unhashable loss function: no cache
         model = known = None
-    chain, reason = None, None
-    if isinstance(known, Chain):
-        chain = dataclasses.replace(known, ws={})
-        reason = check_chain(chain, x, xb, yb, reference) or "chain"
-        if reason != "chain":
-            chain = None
-    elif isinstance(known, str):
-        reason = known
-    if reason is None or (chain is None and isinstance(known, Chain)):
-        chain, reason = detect_chain(loss, numels, shapes, x, xb, yb, reference)
-        if model is not None:
-            _CHAINS.setdefault(model, {})[key] = chain if chain else reason
+    if isinstance(known, str):  # this structure was seen and is not a chain
+        chain, reason = None, known
+    else:
+        chain = dataclasses.replace(known, ws={}) if known is not None else None
+        if chain is not None and check_chain(chain, x, xb, yb, reference):
+            chain = None  # the model changed since: trace it again
+        if chain is not None:
+            reason = "chain"
+        else:
+            chain, reason = detect_chain(loss, numels, shapes, x, xb, yb, reference)
+            if model is not None:
+                _CHAINS.setdefault(model, {})[key] = chain if chain else reason
     owner.chain, owner.chain_reason = chain or False, reason
-    if chain and owner.hvp_mode == "reverse":
+    if chain and owner.hvp_mode == "reverse":  # (the reference may have fallen back to forward)
         owner.hvp_mode = "mlp"
 
 
 def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None):
     """(g, H V, loss) by ``owner.chain``'s written-out products, in chunks of ``chunk_size`` rows."""
-    from ._mlp import chain_grad_hvp
     if not owner.chain:
         raise ValueError(f"mode: 'mlp' needs a fully connected chain; this model/loss is not one "
                          f"({owner.chain_reason or 'not looked for'})")

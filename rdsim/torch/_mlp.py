@@ -69,6 +69,11 @@ def _is_output(node, last_lin, h, kind) -> bool:
     return (node is last_lin and h is last_lin) or kind.get(node) == ("zview",)
 
 
+def _same_shape(a, b) -> bool:
+    """Whether two traced nodes hold tensors of one shape (no broadcasting)."""
+    return tuple(a.meta["val"].shape) == tuple(b.meta["val"].shape)
+
+
 def _fail(why):
     raise _NoChain(why)
 
@@ -180,7 +185,7 @@ def _parse(graph, numels, shapes, batch):
         elif (f in _VIEWS or f in _SQUEEZES) and args[0] is last_lin and h is last_lin:
             kind[n] = ("zview",)  # e.g. out.squeeze(-1) before a squared error
         elif f is aten.sub.Tensor and _is_output(args[0], last_lin, h, kind) and kind.get(args[1]) == ("target",):
-            if tuple(args[0].meta["val"].shape) != tuple(args[1].meta["val"].shape):
+            if not _same_shape(args[0], args[1]):
                 _fail("a residual with broadcast targets")
             kind[n] = ("resid",)
         elif (f is aten.pow.Tensor_Scalar and kind.get(args[0]) == ("resid",) and args[1] == 2) or \
@@ -196,7 +201,7 @@ def _parse(graph, numels, shapes, batch):
         elif f is aten.mse_loss.default and _is_output(args[0], last_lin, h, kind) and kind.get(args[1]) == ("target",):
             if len(args) > 2 and args[2] != 1:
                 _fail("mse_loss with a reduction other than the mean")
-            if tuple(args[0].meta["val"].shape) != tuple(args[1].meta["val"].shape):
+            if not _same_shape(args[0], args[1]):
                 _fail("mse_loss with broadcast targets")
             loss = "mse"
             kind[n] = ("loss",)
