@@ -167,6 +167,7 @@ class FlatModel:
                              f"mean cross-entropy or MSE; this model and loss are not one ({self.chain_reason}); "
                              "use hvp='auto'")
 
+
 @contextlib.contextmanager
 def _quiet_jit_script():
     """Silence torch.func's "torch.jit.script is deprecated" warning (it scripts a few forward-AD

@@ -8,7 +8,7 @@ k rows folded into GEMMs: tangent activations live in a (k, B, n) layout, so eve
 batch quantity with a tangent quantity is one (batched) matrix product, and nothing is dispatched
 per row. On the benchmark MLP (26k parameters, batch 128, 2 CPU threads) the push is ~2x faster than
 ``vmap`` over a reverse-over-reverse pullback at k = 1 and ~1.2-1.4x at k = 16
-(``benchmarks/bench_optim.py``, part b3).
+(``benchmarks/bench_optim.py``, part b2).
 
 Recognition is by structure, never by class name: :func:`detect_chain` traces the flat loss once
 with ``make_fx`` and accepts only a graph made of the parameter split, 2-D ``addmm``/``mm`` layers,
