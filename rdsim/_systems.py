@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import types
 from typing import Any, Callable
 
 import numba as nb
@@ -147,13 +148,83 @@ class AbstractNumbaSystem(AbstractSystem):
 # helpers for user functions
 
 
+class _Uncacheable(Exception):
+    pass
+
+
+_FROZEN_SCALARS = (int, float, complex, bool, str, bytes, type(None), np.integer, np.floating, np.bool_)
+_FROZEN_BY_IDENTITY = (types.ModuleType, types.BuiltinFunctionType, np.ufunc, nb.core.dispatcher.Dispatcher)
+
+
+def _frozen(v):
+    """A hashable stand-in for a value numba freezes into compiled code (a global, a closure cell,
+    a default), or :class:`_Uncacheable` for values that may change in place (arrays, lists, plain
+    functions, objects)."""
+    if isinstance(v, _FROZEN_SCALARS):
+        return type(v), v
+    if isinstance(v, _FROZEN_BY_IDENTITY):
+        return "object", v  # hashed by identity; the key keeps it alive, so its id is never reused
+    if isinstance(v, tuple):
+        return ("tuple",) + tuple(_frozen(u) for u in v)
+    raise _Uncacheable
+
+
+def _code_names(code) -> set:
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):  # nested functions, comprehensions
+            names |= _code_names(c)
+    return names
+
+
+def _jit_key(fn):
+    """What numba's compiled code of ``fn`` depends on: its code, and the values it reads from its
+    globals, closure and defaults (numba freezes these at compile time). None when one of them is
+    mutable, so that such a function is compiled afresh for every system, as numba would."""
+    try:
+        g = fn.__globals__
+        glob = tuple(sorted((n, _frozen(g[n])) for n in _code_names(fn.__code__) if n in g))
+        cells = tuple(_frozen(c.cell_contents) for c in (fn.__closure__ or ()))
+        return (fn.__code__, id(g), glob, cells, _frozen(fn.__defaults__ or ()),
+                _frozen(tuple(sorted((fn.__kwdefaults__ or {}).items()))))
+    except (_Uncacheable, AttributeError, ValueError, TypeError):  # ValueError: an empty cell
+        return None
+
+
+#: jitted user functions by :func:`_jit_key`: {key: (function, dispatcher)}, the oldest dropped first
+_JITTED: dict = {}
+_JITTED_MAX = 256
+
+
 def _jit_user(fn: Callable, argname: str):
-    """Jit a user function with rdsim's flags (already-jitted dispatchers are kept)."""
+    """Jit a user function with rdsim's flags (already-jitted dispatchers are kept).
+
+    A function whose code and frozen values (globals, closure, defaults: scalars, modules, jitted
+    functions) equal those of one jitted before gets that dispatcher back, so that building the
+    same map again (a scan over a parameter passed in ``params``, a map defined inside a factory)
+    compiles nothing, and the engine's kernels for it are reused too. Functions that read arrays or
+    other mutable objects from outside are compiled afresh each time.
+    """
     if isinstance(fn, nb.core.dispatcher.Dispatcher) or hasattr(fn, "py_func"):
         return fn
     if not callable(fn):
         raise TypeError(f"{argname}: expected a function, got {type(fn).__name__}")
-    return nb.njit(**NUMBA_OPTIONS)(fn)
+    key = _jit_key(fn) if isinstance(fn, types.FunctionType) else None
+    if key is not None and key in _JITTED:
+        return _JITTED[key][1]
+    disp = nb.njit(**NUMBA_OPTIONS)(fn)
+    if key is not None:
+        if len(_JITTED) >= _JITTED_MAX:
+            del _JITTED[next(iter(_JITTED))]
+        _JITTED[key] = (fn, disp)  # fn kept alive, and with it its globals (whose id is in the key)
+    return disp
+
+
+@functools.lru_cache(maxsize=256)
+def _bounds_checked(fn):
+    """``fn`` (a dispatcher) compiled once more with bounds checking, for the probe call."""
+    py = getattr(fn, "py_func", None)
+    return nb.njit(boundscheck=True, **NUMBA_OPTIONS)(py) if py is not None else fn
 
 
 def _call_compiled(fn, argname: str, *args):
@@ -225,8 +296,7 @@ def _call_inplace(fn, argname: str, *args):
     The fast kernels run without bounds checks, so a wrong ``dim`` would silently write past
     ``out``; this one call turns that into a ValueError at construction.
     """
-    py = getattr(fn, "py_func", None)
-    checked = nb.njit(boundscheck=True, **NUMBA_OPTIONS)(py) if py is not None else fn
+    checked = _bounds_checked(fn)
     try:
         _call_compiled(checked, argname, *args)
     except IndexError as err:
@@ -302,6 +372,7 @@ def _tuple_kernel(kind: str, d: int):
     return nb.njit(inline="always", **NUMBA_OPTIONS)(namespace["fn"])
 
 
+@functools.lru_cache(maxsize=256)  # same functions and sizes: the same kernel (and engine loop)
 def _make_map_advance(step_j, jac_j, d, step_style, jac_style):
     # inline="always": the engine inlines this kernel into its loop (numba IR inlining), so an
     # in-place or tuple user map costs no call, allocation or reference count per step.
@@ -384,6 +455,10 @@ class Map(AbstractNumbaSystem):
     All styles give bitwise identical results (the tangent push sums J[i, p] V[p, j] in the same
     order), and they can be mixed (e.g. a tuple step with an in-place jacobian). Above
     dim = ``SMALL_DIM_MAX`` (48) the tangent push J @ V is a BLAS product.
+
+    Building the same map again (a scan over ``params``, a map defined in a factory) compiles
+    nothing: functions equal in code and frozen values reuse their compiled kernels (see
+    :func:`_jit_user`).
 
     Args:
         step: ``step(x, params, xi) -> x_next`` or ``step(x, params, xi, out)`` (see above),
@@ -516,6 +591,7 @@ class Map(AbstractNumbaSystem):
 # Flow
 
 
+@functools.lru_cache(maxsize=256)  # same functions and sizes: the same kernel (and engine loop)
 def _make_rk4_advance(rhs_j, jac_j):
     # exact derivative of one classical RK4 step, pushed on the block V
     @nb.njit(**NUMBA_OPTIONS)
@@ -562,6 +638,7 @@ def _make_rk4_advance(rhs_j, jac_j):
     return advance
 
 
+@functools.lru_cache(maxsize=256)  # same functions and sizes: the same kernel (and engine loop)
 def _make_em_advance(rhs_j, jac_j, diff_j, djac_j):
     # Euler-Maruyama: x' = x + F(x) dt + G(x) * sqrt(dt) xi;  Dx' = I + dt DF + diag(sqrt(dt) xi) DG
     @nb.njit(**NUMBA_OPTIONS)
@@ -588,6 +665,7 @@ def _make_em_advance(rhs_j, jac_j, diff_j, djac_j):
     return advance
 
 
+@functools.lru_cache(maxsize=256)  # same functions and sizes: the same kernel (and engine loop)
 def _wrap_xi(fn):
     """Adapt fn(x, params) to the (x, params, xi) calling convention of the kernels."""
 

@@ -2,6 +2,8 @@
 their mixtures give bitwise identical runs; the tuple style is validated at construction.
 """
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -175,3 +177,72 @@ def test_wrong_shape_tuple_jacobian(jac, match):
     with pytest.raises(ValueError, match=r"jacobian: the tuple form must return a tuple of 2 rows, each a tuple "
                                          r"of 2 floats \(2 x 2\).*" + match):
         rdsim.Map(step_tuple, jac, 2, params=(A, B))
+
+
+# --- a map built again compiles nothing (rdsim._systems._jit_user's cache) ---------------------
+
+def _henon_factory(scale=1.0):
+    def step(x, p, xi, out):
+        out[0] = 1.0 - p[0] * x[0] ** 2 + x[1] * scale
+        out[1] = p[1] * x[0]
+
+    def jac(x, p, xi, out):
+        out[0, 0] = -2.0 * p[0] * x[0]
+        out[0, 1] = scale
+        out[1, 0] = p[1]
+
+    return step, jac
+
+
+HENON_GLOBAL_A = 1.4
+HENON_GLOBAL_ARRAY = np.array([1.4])
+
+
+def _henon_global(x, p, xi):
+    return np.array([1.0 - HENON_GLOBAL_A * x[0] ** 2 + x[1], 0.3 * x[0]])
+
+
+def _henon_global_jac(x, p, xi):
+    return np.array([[-2.0 * HENON_GLOBAL_A * x[0], 1.0], [0.3, 0.0]])
+
+
+def _henon_array(x, p, xi):
+    return np.array([1.0 - HENON_GLOBAL_ARRAY[0] * x[0] ** 2 + x[1], 0.3 * x[0]])
+
+
+def test_rebuilt_map_reuses_its_compiled_functions_and_kernel():
+    """A map defined in a factory and built again with other params (a parameter scan) gets the
+    same dispatchers and engine kernel back, with the results of a fresh build."""
+    from rdsim import _systems
+
+    maps = [rdsim.Map(*_henon_factory(), 2, params=(a, 0.3)) for a in (1.4, 1.2)]
+    assert maps[0]._step_fn is maps[1]._step_fn and maps[0]._jac_fn is maps[1]._jac_fn
+    assert maps[0]._advance is maps[1]._advance
+    res = [rdsim.lyapunov_spectrum(m, [0.1, 0.1], 5_000, transient=100) for m in maps]
+    assert abs(res[0].exponents[0] - 0.419) < 0.02 and abs(res[0].exponents.sum() - np.log(0.3)) < 1e-10
+    # the same map built without the cache (a fresh njit) gives identical numbers
+    _systems._JITTED.clear()
+    fresh = rdsim.Map(*_henon_factory(), 2, params=(1.2, 0.3))
+    assert fresh._step_fn is not maps[1]._step_fn
+    np.testing.assert_array_equal(rdsim.lyapunov_spectrum(fresh, [0.1, 0.1], 5_000, transient=100).exponents,
+                                  res[1].exponents)
+    # a different captured value is a different function
+    other = rdsim.Map(*_henon_factory(scale=0.5), 2, params=(1.2, 0.3))
+    assert other._step_fn is not fresh._step_fn
+
+
+def test_rebuilt_map_sees_changed_globals(monkeypatch):
+    """numba freezes globals at compile time: a changed global scalar gives a new compilation,
+    and a function reading a global array is never shared between maps."""
+    from rdsim import _systems
+
+    first = rdsim.lyapunov_spectrum(rdsim.Map(_henon_global, _henon_global_jac, 2), [0.1, 0.1], 5_000, transient=100)
+    monkeypatch.setattr(sys.modules[__name__], "HENON_GLOBAL_A", 1.2)
+    second = rdsim.lyapunov_spectrum(rdsim.Map(_henon_global, _henon_global_jac, 2), [0.1, 0.1], 5_000,
+                                     transient=100)
+    reference = rdsim.lyapunov_spectrum(rdsim.Map(*_henon_factory(), 2, params=(1.2, 0.3)), [0.1, 0.1], 5_000,
+                                        transient=100)
+    assert abs(first.exponents[0] - second.exponents[0]) > 0.05
+    np.testing.assert_allclose(second.exponents, reference.exponents, rtol=0, atol=1e-12)
+    assert _systems._jit_key(_henon_array) is None
+    assert _systems._jit_user(_henon_array, "step") is not _systems._jit_user(_henon_array, "step")

@@ -1,6 +1,7 @@
 """Quick runs of the numba reproductions (dln, fractal) with resume."""
 
 import json
+import shutil
 
 import pytest
 
@@ -17,9 +18,26 @@ def _numbers(s):
     return json.loads(json.dumps({k: v for k, v in s.items() if k not in drop}, default=str))
 
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """``first_run(name, into)``: the summary of a fresh quick run, its output copied into ``into``
+    (each experiment is run once per module: the resume tests below work on copies)."""
+    done = {}
+
+    def get(name, into):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            done[name] = out, run_experiment(name, out, quick=True, log=lambda *a: None)
+        out, summary = done[name]
+        shutil.copytree(out, into, dirs_exist_ok=True)
+        return summary
+
+    return get
+
+
 @pytest.mark.parametrize("name", ["dln", "fractal"])
-def test_quick_and_resume(name, tmp_path):
-    s1 = run_experiment(name, tmp_path, quick=True, log=lambda *a: None)
+def test_quick_and_resume(name, tmp_path, first_run):
+    s1 = first_run(name, tmp_path)
     for key in KEYS[name] + ["verdict", "verdict_reason", "figures"]:
         assert key in s1, key
     assert s1["verdict"] in {"agrees", "partly", "disagrees", "inconclusive"}
@@ -32,9 +50,9 @@ def test_quick_and_resume(name, tmp_path):
     assert _numbers(s2) == _numbers(s1)
 
 
-def test_resume_recomputes_a_truncated_unit(tmp_path):
+def test_resume_recomputes_a_truncated_unit(tmp_path, first_run):
     """A unit file cut short (a full disk, a killed copy) is named and recomputed, not a JSON crash."""
-    s1 = run_experiment("fractal", tmp_path, quick=True, log=lambda *a: None)
+    s1 = first_run("fractal", tmp_path)
     units = sorted((tmp_path / "units").glob("*.json"))
     assert len(units) == s1["units_computed"] >= 2
     bad = units[0]
