@@ -259,3 +259,71 @@ def test_low_precision_is_not_written_out():
     X, y = torch.randn(6, 5, dtype=torch.bfloat16), torch.randint(0, 3, (6,))
     fm.grad_hvp(fm.flat(), torch.randn(2, fm.n_params, dtype=torch.bfloat16), X, y)
     assert fm.hvp_mode == "reverse" and "bfloat16" in fm.chain_reason
+
+
+@pytest.mark.parametrize("case", ["tanh_ce", "ignore_index", "relu_mse_nobias", "squeeze_half", "sum_rows_half",
+                                  "flatten_identity"])
+def test_per_row_batches_match_dense_hessians(case):
+    """Lockstep SLQ's products (row r times the Hessian on its own minibatch r) by the chain equal
+    the dense Hessians of each minibatch, and torch.func's per-row products."""
+    from rdsim.torch._functional import hvp_rows_per_batch
+
+    torch.manual_seed(0)
+    n, k, b = 30, 4, 7
+    X, yc, yr = torch.randn(n, 6, dtype=DT), torch.randint(0, 3, (n,)), torch.randn(n, 3, dtype=DT)
+    if case == "tanh_ce":
+        net, loss, y = models.MLP(6, 3, width=5, depth=3, activation="tanh", seed=1).to(DT), F.cross_entropy, yc
+    elif case == "ignore_index":
+        yc[::3] = 1
+        net, loss, y = models.MLP(6, 3, width=5, depth=2, seed=1).to(DT), (lambda o, t: F.cross_entropy(o, t, ignore_index=1)), yc
+    elif case == "relu_mse_nobias":
+        net, loss, y = models.MLP(6, 3, width=5, depth=3, bias=False, activation="relu", seed=1).to(DT), F.mse_loss, yr
+    elif case == "squeeze_half":
+        net = models.MLP(6, 1, width=5, depth=2, activation="silu", seed=1).to(DT)
+        loss, y = (lambda o, t: 0.5 * ((o.squeeze(-1) - t) ** 2).mean()), yr[:, 0].contiguous()
+    elif case == "sum_rows_half":
+        net = models.MLP(6, 3, width=5, depth=2, activation="gelu", seed=1).to(DT)
+        loss, y = (lambda o, t: 0.5 * ((o - t) ** 2).sum(-1).mean()), yr
+    else:
+        X = X.reshape(n, 2, 3)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.Linear(4, 3)).to(DT)
+        loss, y = F.cross_entropy, yc
+    op = rt.HessianOperator(net, loss, (X, y), dtype=DT)
+    g0 = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(n, generator=g0)[:b] for _ in range(k)])
+    Xs, ys = X[idx], y[idx]
+    V = torch.randn(k, op.w.numel(), generator=g0, dtype=DT)
+    got = op._rows_multi(V, Xs, ys)
+    assert op.hvp_mode == "mlp", op.chain_reason
+    for r in range(k):
+        H = torch.autograd.functional.hessian(lambda w: op.loss_at(w, Xs[r], ys[r]), op.w)
+        assert float((got[r] - V[r] @ H).abs().max()) <= 1e-13 * float(H.abs().max())
+    ref = hvp_rows_per_batch(op.loss_at, op.w, V, Xs, ys)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-13 * float(ref.abs().max()))
+    op.chunk_size = 3  # in chunks of rows, with their batches
+    torch.testing.assert_close(op._rows_multi(V, Xs, ys), got, rtol=0, atol=1e-15 * float(ref.abs().max()))
+
+
+def test_minibatch_slq_sharpness_dimension_uses_the_chain(monkeypatch):
+    """The SLQ sharpness dimension over minibatches (a batch per Lanczos run) is the same with the
+    written-out products as with torch.func's."""
+    from rdsim.torch import _functional, _hessian
+
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 5, dtype=DT), torch.randint(0, 3, (40,))
+    net = models.MLP(5, 3, width=6, depth=2, activation="tanh", seed=2).to(DT)
+    kw = dict(lr=2.0, batch_size=8, method="slq", n_batches=4, seed=0, baselines=False)
+    calls = []
+    real = _hessian.chain_rows_per_batch
+    monkeypatch.setattr(_hessian, "chain_rows_per_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = rt.sharpness_dimension(net, F.cross_entropy, (X, y), **kw)
+    assert calls
+    for mod in (_functional, _hessian):  # no chain: torch.func's products
+        monkeypatch.setattr(mod, "ensure_chain", lambda *a, **k: None)
+    calls.clear()
+    slow = rt.sharpness_dimension(net, F.cross_entropy, (X, y), **kw)
+    assert not calls
+    assert abs(fast.value - slow.value) <= 1e-9 * max(1.0, abs(slow.value))
+    a, b = fast.density.nodes, slow.density.nodes  # the Ritz values of every run
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * np.nanmax(np.abs(b)))
+    np.testing.assert_allclose(fast.density.weights, slow.density.weights, rtol=0, atol=1e-10)

@@ -12,8 +12,8 @@ Policies:
   :func:`rdsim.torch._functional.grad_hvp_rows`), in chunks of ``chunk_size`` columns (memory
   grows linearly with it). A fully connected chain (Linear layers and elementwise activations,
   mean cross-entropy or MSE) has them written out instead (``hvp_mode == "mlp"``,
-  :mod:`rdsim.torch._mlp`, recognised and checked on the first batch). Products over per-row
-  batches (``_rows_multi``) use torch.func.
+  :mod:`rdsim.torch._mlp`, recognised and checked on the first batch), also for products over
+  per-row batches (``_rows_multi``, lockstep SLQ with a minibatch per run).
 * Over several batches the loss is the sample-weighted mean: H = sum_b (n_b / N) H_b, for a
   ``loss_fn`` that returns the mean over its batch.
 * BatchNorm in train mode is refused: there the loss of a sample depends on the whole minibatch
@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from ._data import as_pair, check_finite_data, resolve_device
-from ._functional import ensure_chain, grad_hvp_chain_or_auto, hvp_rows_per_batch, with_hvp_fallback
+from ._functional import (chain_rows_per_batch, ensure_chain, grad_hvp_chain_or_auto, hvp_rows_per_batch,
+                          with_hvp_fallback)
 
 __all__ = ["HessianOperator", "LanczosResult", "SpectralDensity", "dense_hessian", "hessian_eigenvalues",
            "hutchinson_trace", "hutchpp_trace", "lanczos", "lanczos_lockstep", "slq"]
@@ -227,9 +228,14 @@ class HessianOperator:
                                       self.chunk_size)[1]
 
     def _rows_multi(self, V: torch.Tensor, Xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        """Row r of V times the Hessian on batch (Xs[r], ys[r]) (equal-size batches), vmapped jointly."""
-        out = with_hvp_fallback(self, lambda mode: hvp_rows_per_batch(self.loss_at, self.w, V, Xs, ys,
-                                                                      self.chunk_size, mode))
+        """Row r of V times the Hessian on batch (Xs[r], ys[r]) (equal-size batches): written out for a
+        fully connected chain (looked for on the first batch), else vmapped jointly over (row, batch)."""
+        ensure_chain(self, self.loss_at, self._numels, self.param_shapes, self.w, Xs[0], ys[0])
+        if self.hvp_mode == "mlp":
+            out = chain_rows_per_batch(self, self.w, V, Xs, ys, self.chunk_size)
+        else:
+            out = with_hvp_fallback(self, lambda mode: hvp_rows_per_batch(self.loss_at, self.w, V, Xs, ys,
+                                                                          self.chunk_size, mode))
         self.n_hvp += V.shape[0]
         return out
 
