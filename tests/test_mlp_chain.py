@@ -314,8 +314,8 @@ def test_minibatch_slq_sharpness_dimension_uses_the_chain(monkeypatch):
     net = models.MLP(5, 3, width=6, depth=2, activation="tanh", seed=2).to(DT)
     kw = dict(lr=2.0, batch_size=8, method="slq", n_batches=4, seed=0, baselines=False)
     calls = []
-    real = _hessian.chain_rows_per_batch
-    monkeypatch.setattr(_hessian, "chain_rows_per_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _hessian.chain_products
+    monkeypatch.setattr(_hessian, "chain_products", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = rt.sharpness_dimension(net, F.cross_entropy, (X, y), **kw)
     assert calls
     for mod in (_functional, _hessian):  # no chain: torch.func's products

@@ -27,8 +27,7 @@ from ._data import resolve_device
 from ._mlp import chain_grad_hvp, check_chain, detect_chain
 
 __all__ = ["FlatModel", "dropout_modules", "check_no_dropout", "grad_hvp_rows", "grad_hvp_auto", "hvp_rows_per_batch",
-           "with_hvp_fallback", "grad_hvp_chain_or_auto", "ensure_chain", "chain_products",
-           "chain_rows_per_batch", "HVP_MODES", "HVP_CHOICES"]
+           "with_hvp_fallback", "grad_hvp_chain_or_auto", "ensure_chain", "chain_products", "HVP_MODES", "HVP_CHOICES"]
 
 
 def dropout_modules(model: nn.Module):
@@ -354,8 +353,12 @@ def ensure_chain(owner, loss, numels, shapes, x, xb, yb) -> None:
         owner.hvp_mode = "mlp"
 
 
-def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None):
-    """(g, H V, loss) by ``owner.chain``'s written-out products, in chunks of ``chunk_size`` rows."""
+def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None, per_row: bool = False):
+    """(g, H V, loss) by ``owner.chain``'s written-out products, in chunks of ``chunk_size`` rows.
+
+    ``per_row=True``: row r of Vx times the Hessian on batch (xb[r], yb[r]) (the chain form of
+    :func:`hvp_rows_per_batch`; the batches are chunked with their rows), g and loss None.
+    """
     if not owner.chain:
         raise ValueError(f"mode: 'mlp' needs a fully connected chain; this model/loss is not one "
                          f"({owner.chain_reason or 'not looked for'})")
@@ -363,17 +366,7 @@ def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None):
     cs = chunk_size or k
     with torch.no_grad():
         if cs >= k:
-            return chain_grad_hvp(owner.chain, x, Vx, xb, yb)
-        parts = [chain_grad_hvp(owner.chain, x, Vx[s:s + cs], xb, yb) for s in range(0, k, cs)]
+            return chain_grad_hvp(owner.chain, x, Vx, xb, yb, per_row)
+        parts = [chain_grad_hvp(owner.chain, x, Vx[s:s + cs], *((xb[s:s + cs], yb[s:s + cs]) if per_row else (xb, yb)),
+                                per_row) for s in range(0, k, cs)]
     return parts[0][0], torch.cat([p[1] for p in parts]), parts[0][2]
-
-
-def chain_rows_per_batch(owner, x, V, Xs, ys, chunk_size: int | None = None):
-    """Row r of V times the Hessian on batch (Xs[r], ys[r]) by ``owner.chain``'s written-out products
-    (the per-row-batch form of :func:`chain_products`; see :func:`hvp_rows_per_batch`)."""
-    k = V.shape[0]
-    cs = chunk_size or k
-    with torch.no_grad():
-        parts = [chain_grad_hvp(owner.chain, x, V[s:s + cs], Xs[s:s + cs], ys[s:s + cs], per_row=True)[1]
-                 for s in range(0, k, cs)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from ._data import as_pair, check_finite_data, resolve_device
-from ._functional import (chain_rows_per_batch, ensure_chain, grad_hvp_chain_or_auto, hvp_rows_per_batch,
+from ._functional import (chain_products, ensure_chain, grad_hvp_chain_or_auto, hvp_rows_per_batch,
                           with_hvp_fallback)
 
 __all__ = ["HessianOperator", "LanczosResult", "SpectralDensity", "dense_hessian", "hessian_eigenvalues",
@@ -232,7 +232,7 @@ class HessianOperator:
         fully connected chain (looked for on the first batch), else vmapped jointly over (row, batch)."""
         ensure_chain(self, self.loss_at, self._numels, self.param_shapes, self.w, Xs[0], ys[0])
         if self.hvp_mode == "mlp":
-            out = chain_rows_per_batch(self, self.w, V, Xs, ys, self.chunk_size)
+            out = chain_products(self, self.w, V, Xs, ys, self.chunk_size, per_row=True)[1]
         else:
             out = with_hvp_fallback(self, lambda mode: hvp_rows_per_batch(self.loss_at, self.w, V, Xs, ys,
                                                                           self.chunk_size, mode))

@@ -339,7 +339,7 @@ def chain_grad_hvp(chain: Chain, x, V, xb, yb, per_row: bool = False):
         delta = c * r
         ddot = torch.mul(zdot, c, out=ws["ddot"])
     if chain.scale != 1.0:
-        loss = None if per_row else loss * chain.scale
+        loss = None if loss is None else loss * chain.scale
         delta = delta * chain.scale
         ddot.mul_(chain.scale)
     g, HV = None if per_row else torch.empty_like(x), torch.empty_like(V)
