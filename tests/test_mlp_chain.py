@@ -327,3 +327,29 @@ def test_minibatch_slq_sharpness_dimension_uses_the_chain(monkeypatch):
     a, b = fast.density.nodes, slow.density.nodes  # the Ritz values of every run
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * np.nanmax(np.abs(b)))
     np.testing.assert_allclose(fast.density.weights, slow.density.weights, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_sgd_tangent_written_by_the_chain_is_bitwise_the_unfused_one(dtype, chunk_size, device):
+    """Plain SGD on a chain: the push writes V - lr H V as it forms H V; the values are bitwise
+    those of H V followed by the update's tangent (torch.add(V, HV, alpha=-lr)), with and without
+    biases, in chunks too. Other updates keep the unfused path."""
+    g0 = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 6, generator=g0, dtype=DT).to(dtype)
+    y = torch.randint(0, 3, (40,), generator=g0)
+    for bias in (True, False):
+        net = models.MLP(6, 3, width=5, depth=3, activation="tanh", seed=1, bias=bias).to(dtype)
+        m = rt.OptimizerMap(net, F.cross_entropy, (X, y), optim.sgd(0.1, 8), chunk_size=chunk_size, device=device)
+        assert m.hvp_mode == "mlp" and m._plain_sgd
+        z = m._state_tensor(m.x0)
+        V = torch.randn(5, m.tangent_dim, generator=g0, dtype=DT).to(device=device, dtype=dtype)
+        xb, yb = m.inputs[:8], m.targets[:8]
+        out = m._advance_eager(z, V, xb, yb, 1.0)
+        m._plain_sgd = False
+        ref = m._advance_eager(z, V, xb, yb, 1.0)
+        for a, b in zip(out, ref):
+            assert torch.equal(a, b)
+    for spec in (optim.momentum(0.1, 0.9, 8), optim.adam(0.01, batch_size=8)):
+        assert not rt.OptimizerMap(net, F.cross_entropy, (X, y), spec)._plain_sgd

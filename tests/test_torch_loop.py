@@ -61,6 +61,14 @@ def test_cholqr_matches_householder(device):
     assert not bool(cholqr_rows(V)[2])
     V[3] = V[0]
     assert not bool(cholqr_rows(V)[2])
+    # a float32 block has a float32 Gram: accepted up to kappa^2 ~ 1e-2 / u32 (kappa ~ 400)
+    U = torch.linalg.qr(torch.randn(300, 4, generator=g, dtype=DT))[0].mT
+    for kappa, accepted in ((30.0, True), (600.0, False)):  # 600: the float64 bound would accept it
+        V = (torch.diag(torch.tensor([1.0, 0.7, 0.3, 1.0 / kappa], dtype=DT)) @ U).to(torch.float32)
+        Q1, l1, ok = cholqr_rows(V)
+        assert bool(ok) is accepted
+        if accepted:
+            np.testing.assert_allclose(l1.numpy(), householder_rows(V, torch.float32)[1].numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

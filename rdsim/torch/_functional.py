@@ -353,11 +353,13 @@ def ensure_chain(owner, loss, numels, shapes, x, xb, yb) -> None:
         owner.hvp_mode = "mlp"
 
 
-def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None, per_row: bool = False):
+def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None, per_row: bool = False,
+                   sgd_lr: float | None = None):
     """(g, H V, loss) by ``owner.chain``'s written-out products, in chunks of ``chunk_size`` rows.
 
     ``per_row=True``: row r of Vx times the Hessian on batch (xb[r], yb[r]) (the chain form of
     :func:`hvp_rows_per_batch`; the batches are chunked with their rows), g and loss None.
+    ``sgd_lr``: return Vx - sgd_lr H V in place of H V (see :func:`rdsim.torch._mlp.chain_grad_hvp`).
     """
     if not owner.chain:
         raise ValueError(f"mode: 'mlp' needs a fully connected chain; this model/loss is not one "
@@ -366,7 +368,7 @@ def chain_products(owner, x, Vx, xb, yb, chunk_size: int | None = None, per_row:
     cs = chunk_size or k
     with torch.no_grad():
         if cs >= k:
-            return chain_grad_hvp(owner.chain, x, Vx, xb, yb, per_row)
+            return chain_grad_hvp(owner.chain, x, Vx, xb, yb, per_row, sgd_lr)
         parts = [chain_grad_hvp(owner.chain, x, Vx[s:s + cs], *((xb[s:s + cs], yb[s:s + cs]) if per_row else (xb, yb)),
-                                per_row) for s in range(0, k, cs)]
+                                per_row, sgd_lr) for s in range(0, k, cs)]
     return parts[0][0], torch.cat([p[1] for p in parts]), parts[0][2]

@@ -269,11 +269,17 @@ def _workspace(chain: Chain, B: int, k: int, like: torch.Tensor) -> dict:
         ws["hdot"] = [torch.empty(k, B, o, **kw) for o, _ in sh[:-1]]
         ws["bd"] = [torch.empty(k, B, i, **kw) for _, i in sh]
         ws["ddot"] = torch.empty(k, B, sh[-1][0], **kw)
+        ws["hvw"] = [torch.empty(k, o, i, **kw) for o, i in sh]
     return ws
 
 
-def chain_grad_hvp(chain: Chain, x, V, xb, yb, per_row: bool = False):
+def chain_grad_hvp(chain: Chain, x, V, xb, yb, per_row: bool = False, sgd_lr: float | None = None):
     """(g, H V, loss) of the chain's mean loss at the flat parameters x, H applied to the rows of V (k, d).
+
+    With a float ``sgd_lr``, the second result is V - sgd_lr H V instead (the tangent of a plain
+    SGD step), written block by block as each layer's products are formed: bitwise
+    ``torch.add(V, H V, alpha=-sgd_lr)``, without a pass over a separate H V (measured ~10% of the
+    push at k = 16 on the benchmark MLP).
 
     With ``per_row=True``, xb and yb carry one batch per row of V ((k, B, ...) and (k, B, ...)),
     row r of the result is row r of V times the Hessian on batch r (lockstep SLQ with a minibatch
@@ -350,15 +356,16 @@ def chain_grad_hvp(chain: Chain, x, V, xb, yb, per_row: bool = False):
         w0, w1 = chain.offsets[wi]
         if g is not None:
             torch.mm(dT, hs[i], out=g[w0:w1].view(out_, in_))
-        HVw = HV[:, w0:w1].view(k, out_, in_)
+        HVw = ws["hvw"][i]  # contiguous: into HV's strided block, baddbmm_ would loop over the k rows
         torch.matmul(ddot.transpose(1, 2), hs[i], out=HVw)
         if hdot[i] is not None:
             HVw.baddbmm_(dT.expand(k, out_, B), hdot[i])
+        _put(HV, V, w0, w1, HVw.view(k, -1), sgd_lr)
         if bi is not None:
             b0, b1 = chain.offsets[bi]
             if g is not None:
                 g[b0:b1] = delta.sum(0)
-            torch.sum(ddot, 1, out=HV[:, b0:b1])
+            _put(HV, V, b0, b1, ddot.sum(1), sgd_lr)
         if i:
             back = delta @ W[i]
             bd = ws["bd"][i]
@@ -374,6 +381,14 @@ def chain_grad_hvp(chain: Chain, x, V, xb, yb, per_row: bool = False):
                 ddot, delta = bd, back * d[0]
             dT = delta.transpose(-1, -2)
     return g, HV, loss
+
+
+def _put(out, V, a, b, block, sgd_lr):
+    """out[:, a:b] = block, or V[:, a:b] - sgd_lr block (see :func:`chain_grad_hvp`)."""
+    if sgd_lr is None:
+        out[:, a:b].copy_(block)
+    else:
+        torch.add(V[:, a:b], block, alpha=-sgd_lr, out=out[:, a:b])
 
 
 def check_chain(chain: Chain, x, xb, yb, reference) -> str:
