@@ -335,21 +335,22 @@ def test_minibatch_slq_sharpness_dimension_uses_the_chain(monkeypatch):
 def test_sgd_tangent_written_by_the_chain_is_bitwise_the_unfused_one(dtype, chunk_size, device):
     """Plain SGD on a chain: the push writes V - lr H V as it forms H V; the values are bitwise
     those of H V followed by the update's tangent (torch.add(V, HV, alpha=-lr)), with and without
-    biases, in chunks too. Other updates keep the unfused path."""
+    biases, in chunks too; OptimizerMap's push is that one."""
+    from rdsim.torch import _update as upd
     g0 = torch.Generator().manual_seed(3)
     X = torch.randn(40, 6, generator=g0, dtype=DT).to(dtype)
     y = torch.randint(0, 3, (40,), generator=g0)
     for bias in (True, False):
         net = models.MLP(6, 3, width=5, depth=3, activation="tanh", seed=1, bias=bias).to(dtype)
         m = rt.OptimizerMap(net, F.cross_entropy, (X, y), optim.sgd(0.1, 8), chunk_size=chunk_size, device=device)
-        assert m.hvp_mode == "mlp" and m._plain_sgd
+        fm, h = m._fm, m._hyper
+        assert m.hvp_mode == "mlp"
         z = m._state_tensor(m.x0)
         V = torch.randn(5, m.tangent_dim, generator=g0, dtype=DT).to(device=device, dtype=dtype)
         xb, yb = m.inputs[:8], m.targets[:8]
-        out = m._advance_eager(z, V, xb, yb, 1.0)
-        m._plain_sgd = False
-        ref = m._advance_eager(z, V, xb, yb, 1.0)
-        for a, b in zip(out, ref):
+        g, TV, loss = fm.grad_tangent(h, z, V, xb, yb, chunk_size)
+        g_r, HV, loss_r = fm.grad_hvp(z, V, xb, yb, chunk_size)
+        for a, b in ((g, g_r), (TV, upd.tangent(h, z, g_r, V, HV)), (loss, loss_r)):
             assert torch.equal(a, b)
-    for spec in (optim.momentum(0.1, 0.9, 8), optim.adam(0.01, batch_size=8)):
-        assert not rt.OptimizerMap(net, F.cross_entropy, (X, y), spec)._plain_sgd
+        z_new, TV2, _ = m._advance_eager(z, V, xb, yb, 1.0)
+        assert torch.equal(TV2, TV) and torch.equal(z_new, upd.update(h, z, g_r))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
+from . import _update as _upd
 from ._data import resolve_device
 from ._mlp import chain_grad_hvp, check_chain, detect_chain
 
@@ -151,6 +152,22 @@ class FlatModel:
         if mode == "mlp":
             return chain_products(self, x, Vx, xb, yb, chunk_size)
         return grad_hvp_rows(self.loss, x, Vx, xb, yb, chunk_size, mode)
+
+    def grad_tangent(self, h: "_upd.Hyper", z, V, xb, yb, chunk_size: int | None = None, t=1.0,
+                     mode: str | None = None):
+        """(g, Df(z) V, loss): the gradient at x = z[:d] and the exact tangent of the update ``h``
+        applied to the rows of V (k, len(z)), the one tangent push of OptimizerMap and TrainingMonitor.
+
+        Plain SGD (float lr, no weight decay) on a written-out chain gets V - lr H V from the chain
+        itself (``chain_products(sgd_lr=lr)``, bitwise the same values); otherwise :meth:`grad_hvp`
+        and :func:`rdsim.torch._update.tangent`.
+        """
+        if (mode in (None, "mlp") and self.hvp_mode == "mlp" and h.kind == "sgd" and isinstance(h.lr, float)
+                and _upd._is_zero(h.weight_decay)):
+            return chain_products(self, z, V, xb, yb, chunk_size, sgd_lr=h.lr)
+        d = self.n_params
+        g, HV, loss = self.grad_hvp(z[:d], V[:, :d], xb, yb, chunk_size, mode)
+        return g, _upd.tangent(h, z, g, V, HV, t), loss
 
     def set_hvp(self, hvp: str) -> None:
         """Apply a user's ``hvp=`` choice ("auto", "mlp", "reverse", "forward") before the first product."""

@@ -399,10 +399,9 @@ class TrainingMonitor:
 
     def _observe_tangent(self, xb, yb):
         h, z, t = self._hyper_and_state()
-        d = self.n_params
-        g, HV, loss = self._fm.grad_hvp(z[:d], self._Q[:, :d], xb, yb, self.chunk_size)
+        g, TV, loss = self._fm.grad_tangent(h, z, self._Q, xb, yb, self.chunk_size, t)
         self._fm.check_hvp(self.hvp)
-        TV = _upd.tangent(h, z, g, self._Q, HV, t).detach()
+        TV = TV.detach()
         self._since_qr += 1
         if self._since_qr == self.qr_every:
             logd = self._qr(TV)

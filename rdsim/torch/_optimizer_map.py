@@ -25,7 +25,7 @@ from .._systems import AbstractSystem
 from ..optim import OptimizerSpec, noise_sampler
 from . import _update as _upd
 from ._data import as_pair, check_finite_data
-from ._functional import FlatModel, _quiet_jit_script, chain_products, check_no_dropout
+from ._functional import FlatModel, _quiet_jit_script, check_no_dropout
 from ._hessian import lanczos
 from ._qr import cholqr_rows, householder_rows
 
@@ -240,9 +240,6 @@ class OptimizerMap(AbstractSystem):
         self._run_noise = None
         self._run_step = 0
         self._hyper = hyper_from_spec(optimizer)
-        h = self._hyper
-        self._plain_sgd = (h.kind == "sgd" and isinstance(h.lr, float) and _upd._is_zero(h.weight_decay)
-                           and tangent == "exact")
         if qr not in QR_METHODS:
             raise ValueError(f"qr: expected one of {QR_METHODS}, got {qr!r}")
         self.qr = qr
@@ -411,14 +408,11 @@ class OptimizerMap(AbstractSystem):
         ``tangent="frozen"`` (Adam only): V' = (1 - lr wd_decoupled) V - lr (H V + wd_L2 V) / (sqrt(v_hat') + eps).
         """
         d, h = self.n_params, self._hyper
-        if self._plain_sgd and mode in (None, "mlp") and self._fm.hvp_mode == "mlp":
-            # the chain writes SGD's tangent V - lr H V as it forms H V (bitwise the same values)
-            g, TV, loss = chain_products(self._fm, z, Vt, xb, yb, self.chunk_size, sgd_lr=h.lr)
+        if self.tangent_kind == "exact":
+            g, TV, loss = self._fm.grad_tangent(h, z, Vt, xb, yb, self.chunk_size, t, mode)
             return _upd.update(h, z, g, t), TV, loss
         g, HV, loss = self._grad_hvp(z[:d], Vt[:, :d], xb, yb, mode)
         z_new = _upd.update(h, z, g, t)
-        if self.tangent_kind == "exact":
-            return z_new, _upd.tangent(h, z, g, Vt, HV, t), loss
         if h.weight_decay:
             HV = torch.add(HV, Vt, alpha=h.weight_decay)
         den = torch.sqrt(z_new[2 * d:] / (1.0 - h.beta2 ** t)) + h.eps
