@@ -50,7 +50,7 @@ def timed(fn, device, repeats=3, inner=1):
 
 
 def qr_part(device, small):
-    print("(a) thin QR of a (k, n) block, ms: Cholesky QR (float64 Gram) vs Householder (float64)")
+    print("(a) thin QR of a (k, n) block, ms: Cholesky QR (Gram in the block's dtype, float64 factor) vs Householder (float64)")
     ns = (2_000, 20_000) if small else (278_260, 10_000_000)
     print(f"    {'n':>10s} {'dtype':>8s} {'k':>3s} {'cholesky':>9s} {'householder':>12s} {'ratio':>6s} {'max |dlog R|':>13s}")
     g = torch.Generator(device=device).manual_seed(0)

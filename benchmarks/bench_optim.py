@@ -5,6 +5,7 @@ Prints, in one run:
       128, CPU) with k = 1, 4, 16, 32 tangents, eager and compiled (``compile=True``), as a ratio
       to a plain torch.optim.SGD step timed beside it; per-step costs from two run lengths
       (marginal) and end to end;
+  (a2) the eager loop with qr_every = 4 beside the default qr_every = 1, k = 16 and 32;
   (b) batched tangents (one vmap over k) vs a Python loop over the tangents (chunk_size=1), k = 16;
   (b2) the eager tangent push with reverse-over-reverse vs forward-over-reverse HVPs;
   (b3) where the floor is: the dense GEMMs that any exact HVP block of this MLP needs, timed alone,
@@ -39,16 +40,28 @@ def best_of(fn, repeats=3):
     return best
 
 
-def _interleaved(fns, repeats):
+def _interleaved(fns, repeats, rounds=False):
     """Best time of each callable over ``repeats`` interleaved rounds (every round runs each once, in
-    turn), so that numerator and denominator of a ratio see the same state of a shared machine."""
+    turn), so that numerator and denominator of a ratio see the same state of a shared machine.
+    ``rounds=True``: also the list of each round's times ({name: time}), for paired ratios."""
     best = {name: np.inf for name in fns}
+    per_round = []
     for _ in range(repeats):
+        times = {}
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+            times[name] = time.perf_counter() - t0
+            best[name] = min(best[name], times[name])
+        per_round.append(times)
+    return (best, per_round) if rounds else best
+
+
+def _repeat(fn, n):
+    """Call fn n times, keeping no result alive (a list of results would make every call allocate
+    fresh memory, which costs page faults on this VM and is not what a loop does)."""
+    for _ in range(n):
+        fn()
 
 
 def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
@@ -77,11 +90,14 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
 
     plain()
     print(f"(a) SGD on an MLP 64-128-128-10 (tanh), {n_params:,} parameters, batch {b}, float32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; QR: Cholesky QR (float64 Gram and factor)")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; QR: Cholesky QR (Gram in the block's dtype, "
+          "float64 factor)")
     print("    lyapunov_spectrum per step / plain torch.optim.SGD step (200 steps), measured side by side: per row")
     print(f"    {repeats} interleaved rounds of (plain, eager short and long run, the same with hvp='reverse', compiled")
-    print("    short and long run), best of each; 'ms' = marginal per-step cost from the two run lengths (no set-up),")
-    print(f"    'e2e' = end to end; eager uses hvp_mode {rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec).hvp_mode!r}, "
+    print("    short and long run); 'ms' = marginal per-step cost from the two run lengths (no set-up), best of")
+    print("    the rounds; 'x' = the median over rounds of that round's marginal cost / that round's plain step")
+    print("    (paired in time: robust to a slow spell on the shared VM); 'e2e' = end to end (best of each);")
+    print(f"    eager uses hvp_mode {rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec).hvp_mode!r}, "
           "'reverse x' the same loop with hvp='reverse'")
     hdr = f"    {'k':>3s} {'plain ms':>9s} {'eager ms':>9s} {'eager x':>8s} {'e2e x':>6s} {'reverse x':>10s}"
     if compiled:
@@ -99,28 +115,32 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
             t_compile = time.perf_counter() - t0
             runs["compiled"] = comp
         n_short, n_long = (20, 80) if k <= 4 else (10, 40)
-        best = _interleaved({"plain": plain, **{
+        best, per_round = _interleaved({"plain": plain, **{
             f"{name} {m}": (lambda s=s, m=m: rdsim.lyapunov_spectrum(s, None, m, k=k))
-            for name, s in runs.items() for m in (n_short, n_long)}}, repeats)
+            for name, s in runs.items() for m in (n_short, n_long)}}, repeats, rounds=True)
         t_plain = best["plain"] / n_plain
         marg = {name: (best[f"{name} {n_long}"] - best[f"{name} {n_short}"]) / (n_long - n_short) for name in runs}
+        ratio = {name: float(np.median([(r[f"{name} {n_long}"] - r[f"{name} {n_short}"]) / (n_long - n_short)
+                                        / (r["plain"] / n_plain) for r in per_round])) for name in runs}
         e2e_e = best[f"eager {n_long}"] / n_long
-        row = (f"    {k:3d} {t_plain * 1e3:9.2f} {marg['eager'] * 1e3:9.2f} {marg['eager'] / t_plain:8.1f} "
-               f"{e2e_e / t_plain:6.1f} {marg['reverse'] / t_plain:10.1f}")
-        out[k] = {"plain": t_plain, "eager": marg["eager"], "reverse": marg["reverse"]}
+        row = (f"    {k:3d} {t_plain * 1e3:9.2f} {marg['eager'] * 1e3:9.2f} {ratio['eager']:8.1f} "
+               f"{e2e_e / t_plain:6.1f} {ratio['reverse']:10.1f}")
+        out[k] = {"plain": t_plain, "eager": marg["eager"], "reverse": marg["reverse"], "ratio": ratio}
         if compiled:
             m_c = marg["compiled"]
-            row += f" {m_c * 1e3:12.2f} {m_c / t_plain:11.1f} {t_compile:10.1f}"
+            row += f" {m_c * 1e3:12.2f} {ratio['compiled']:11.1f} {t_compile:10.1f}"
             out[k].update(compiled=m_c, compile_s=t_compile)
         print(row)
     if 16 in out:
-        goals = f"    goals: k = 16 <= 10x eager ({out[16]['eager'] / out[16]['plain']:.1f}x)"
+        r16 = out[16]["ratio"]
+        goals = f"    goals: k = 16 <= 10x eager ({r16['eager']:.1f}x)"
         if compiled:
-            goals += f", <= 8x compiled ({out[16]['compiled'] / out[16]['plain']:.1f}x)"
+            goals += f", <= 8x compiled ({r16['compiled']:.1f}x)"
         if 32 in out:
-            best32 = min(out[32]["eager"], out[32].get("compiled", np.inf))
-            goals += f"; k = 32 <= 18x ({best32 / out[32]['plain']:.1f}x)"
+            best32 = min(out[32]["ratio"]["eager"], out[32]["ratio"].get("compiled", np.inf))
+            goals += f"; k = 32 <= 18x ({best32:.1f}x)"
         print(goals)
+    qr_every_part(model, loss_fn, X, y, spec, [k for k in ks if k >= 16], plain, n_plain, repeats)
 
     k = 16
     if k in ks:
@@ -138,6 +158,25 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
     return out
 
 
+def qr_every_part(model, loss_fn, X, y, spec, ks, plain, n_plain, repeats):
+    """(a2) the same eager loop with a QR every 4 steps instead of every step (the exponents are the
+    same to rounding while (lambda_1 - lambda_k) * qr_every stays small; MATH.md section 2)."""
+    if not ks:
+        return
+    print("(a2) eager, qr_every = 4 beside qr_every = 1 (default): paired median x plain step, as in (a)")
+    system = rdsim.torch.OptimizerMap(model, loss_fn, (X, y), spec)
+    for k in ks:
+        rdsim.lyapunov_spectrum(system, None, 4, k=k, qr_every=4)
+        fns = {"plain": plain}
+        for q in (1, 4):
+            for m in (12, 40):
+                fns[f"{q} {m}"] = lambda q=q, m=m: rdsim.lyapunov_spectrum(system, None, m, k=k, qr_every=q)
+        _, per_round = _interleaved(fns, repeats, rounds=True)
+        ratio = {q: float(np.median([(r[f"{q} 40"] - r[f"{q} 12"]) / 28 / (r["plain"] / n_plain) for r in per_round]))
+                 for q in (1, 4)}
+        print(f"    k = {k:2d}: qr_every = 1 {ratio[1]:5.1f}x, qr_every = 4 {ratio[4]:5.1f}x")
+
+
 def hvp_schemes(model, loss_fn, X, y, spec, ks, repeats=5):
     """(b2) one eager tangent push (the step's HVP block and update tangent) with each HVP scheme
     on the same map and minibatch, timed interleaved, best of ``repeats``."""
@@ -151,7 +190,7 @@ def hvp_schemes(model, loss_fn, X, y, spec, ks, repeats=5):
     print(f"    {'k':>3s} " + " ".join(f"{m:>9s}" for m in modes) + f" {'rev/mlp':>8s} {'fwd/rev':>8s} {'diff':>16s}")
     for k in ks:
         V = torch.randn(k, system.tangent_dim, generator=torch.Generator().manual_seed(k))
-        push = {m: (lambda m=m: [system._advance_eager(z, V, xb, yb, 1.0, m) for _ in range(5)]) for m in modes}
+        push = {m: (lambda m=m: _repeat(lambda: system._advance_eager(z, V, xb, yb, 1.0, m), 5)) for m in modes}
         for f in push.values():
             f()
         best = {m: t / 5 for m, t in _interleaved(push, repeats).items()}
@@ -204,7 +243,7 @@ def floor_part(model, loss_fn, X, y, spec, ks, plain, n_plain, repeats=5):
                "qr": lambda: cholqr_rows(V)}
         for f in fns.values():
             f()
-        best = _interleaved({"plain": plain, **{m: (lambda f=f: [f() for _ in range(5)]) for m, f in fns.items()}},
+        best = _interleaved({"plain": plain, **{m: (lambda f=f: _repeat(f, 5)) for m, f in fns.items()}},
                             repeats)
         t_plain = best.pop("plain") / n_plain
         best = {m: t / 5 for m, t in best.items()}

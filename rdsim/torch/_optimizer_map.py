@@ -85,7 +85,8 @@ class OptimizerMap(AbstractSystem):
 
     In :func:`rdsim.lyapunov_spectrum` the loop runs on the map's device (:meth:`_run_phase`):
     state and tangent block stay there in the map's dtype; per step one batched tangent push and,
-    every ``qr_every`` steps, one thin QR with float64 Gram and Cholesky factors (``qr="cholesky"``,
+    every ``qr_every`` steps, one thin Cholesky QR (``qr="cholesky"``: the Gram matrix in the block's
+    dtype, float64 factor; see :mod:`rdsim.torch._qr` for why a float32 Gram costs no accuracy;
     checked on every step and redone with Householder when the block is ill-conditioned;
     ``qr="householder"`` always uses Householder); the logs |R_ii| accumulate in float64 on the
     device. The host looks at the device once per window of 64 steps; a non-finite loss, state
@@ -590,8 +591,8 @@ class OptimizerMap(AbstractSystem):
 
         Same algorithm, bookkeeping and return values; ``x``, ``Q`` and the numpy accumulators in
         ``state`` are updated at the end. The state z and the block (k rows) stay in the map's
-        dtype; the block is factorised with float64 Gram and Cholesky factors on the device
-        (:func:`rdsim.torch._qr.cholqr_rows`; Householder in float64 with ``qr="householder"``),
+        dtype; the block is factorised by Cholesky QR on the device (:func:`rdsim.torch._qr.cholqr_rows`:
+        Gram in the block's dtype, float64 factor; Householder in float64 with ``qr="householder"``),
         and the logs |R_ii| are accumulated in float64 on the device.
 
         Per step the loop does one batched tangent push and, every ``qr_every`` steps, one QR;
