@@ -57,6 +57,12 @@ def _interleaved(fns, repeats, rounds=False):
     return (best, per_round) if rounds else best
 
 
+def _paired_ratio(per_round, long_name, short_name, n_steps, n_plain):
+    """Median over rounds of that round's marginal per-step cost ((long - short) / n_steps) over
+    that round's plain step (``per_round`` from ``_interleaved(..., rounds=True)``)."""
+    return float(np.median([(r[long_name] - r[short_name]) / n_steps / (r["plain"] / n_plain) for r in per_round]))
+
+
 def _repeat(fn, n):
     """Call fn n times, keeping no result alive (a list of results would make every call allocate
     fresh memory, which costs page faults on this VM and is not what a loop does)."""
@@ -120,8 +126,8 @@ def torch_part(compiled=True, ks=(1, 4, 16, 32), repeats=5):
             for name, s in runs.items() for m in (n_short, n_long)}}, repeats, rounds=True)
         t_plain = best["plain"] / n_plain
         marg = {name: (best[f"{name} {n_long}"] - best[f"{name} {n_short}"]) / (n_long - n_short) for name in runs}
-        ratio = {name: float(np.median([(r[f"{name} {n_long}"] - r[f"{name} {n_short}"]) / (n_long - n_short)
-                                        / (r["plain"] / n_plain) for r in per_round])) for name in runs}
+        ratio = {name: _paired_ratio(per_round, f"{name} {n_long}", f"{name} {n_short}", n_long - n_short, n_plain)
+                 for name in runs}
         e2e_e = best[f"eager {n_long}"] / n_long
         row = (f"    {k:3d} {t_plain * 1e3:9.2f} {marg['eager'] * 1e3:9.2f} {ratio['eager']:8.1f} "
                f"{e2e_e / t_plain:6.1f} {ratio['reverse']:10.1f}")
@@ -172,8 +178,7 @@ def qr_every_part(model, loss_fn, X, y, spec, ks, plain, n_plain, repeats):
             for m in (12, 40):
                 fns[f"{q} {m}"] = lambda q=q, m=m: rdsim.lyapunov_spectrum(system, None, m, k=k, qr_every=q)
         _, per_round = _interleaved(fns, repeats, rounds=True)
-        ratio = {q: float(np.median([(r[f"{q} 40"] - r[f"{q} 12"]) / 28 / (r["plain"] / n_plain) for r in per_round]))
-                 for q in (1, 4)}
+        ratio = {q: _paired_ratio(per_round, f"{q} 40", f"{q} 12", 28, n_plain) for q in (1, 4)}
         print(f"    k = {k:2d}: qr_every = 1 {ratio[1]:5.1f}x, qr_every = 4 {ratio[4]:5.1f}x")
 
 
